@@ -1,0 +1,90 @@
+"""Architecture parameters: logits alpha ``[rows, num_ops]`` (one row per mixed op), batched
+Gumbel-softmax and entropy (``vmap`` over rows), the temperature schedule, and genotype derivation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class GenotypeError(ValueError):
+    """A genotype file that does not match the op set; the message is one line."""
+
+
+def init_alpha(key: jax.Array, rows: int, num_ops: int, scale: float) -> jax.Array:
+    """alpha ~ scale * N(0, 1), float32 ``[rows, num_ops]``."""
+    return scale * jax.random.normal(key, (rows, num_ops), jnp.float32)
+
+
+def _gumbel_row(key: jax.Array, logits: jax.Array, tau: jax.Array, hard: bool) -> jax.Array:
+    """One row: Gumbel-softmax sample ``[num_ops]``; hard = one-hot forward, soft gradient (straight-through)."""
+    g = jax.random.gumbel(key, logits.shape, jnp.float32)
+    soft = jax.nn.softmax((logits + g) / tau)
+    if not hard:
+        return soft
+    one_hot = jax.nn.one_hot(jnp.argmax(soft), logits.shape[-1], dtype=soft.dtype)
+    return one_hot - jax.lax.stop_gradient(soft) + soft
+
+
+def gumbel_softmax(key: jax.Array, alpha: jax.Array, tau: jax.Array, hard: bool) -> jax.Array:
+    """Independent samples for every row of ``alpha`` ``[rows, ops]`` -> ``[rows, ops]``."""
+    keys = jax.random.split(key, alpha.shape[0])
+    return jax.vmap(_gumbel_row, in_axes=(0, 0, None, None))(keys, alpha, tau, hard)
+
+
+def arch_weights(key: jax.Array, alpha: jax.Array, tau: jax.Array, sampling: str) -> jax.Array:
+    """Op weights ``[rows, ops]`` for one step: ``hard``/``soft`` Gumbel, or ``softmax`` of alpha/tau."""
+    if sampling == "softmax":
+        return jax.nn.softmax(alpha / tau, axis=-1)
+    return gumbel_softmax(key, alpha, tau, hard=(sampling == "hard"))
+
+
+def _entropy_row(logits: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.sum(jnp.exp(logp) * logp)
+
+
+def entropy(alpha: jax.Array) -> jax.Array:
+    """Entropy (nats) of softmax(alpha) per row ``[rows]``; stable for any finite logits."""
+    return jax.vmap(_entropy_row)(alpha)
+
+
+def tau_schedule(tau_init: float, decay: float, tau_min: float) -> optax.Schedule:
+    """tau after ``n`` arch epochs: ``max(tau_min, tau_init * decay**n)``."""
+    return optax.exponential_decay(tau_init, transition_steps=1, decay_rate=decay, end_value=tau_min)
+
+
+def derive_genotype(alpha, ops: tuple[str, ...], exclude_none: bool = True) -> list[str]:
+    """argmax op name per row (``none`` skipped when ``exclude_none`` and another op exists)."""
+    a = jnp.asarray(alpha)
+    if exclude_none and "none" in ops and len(ops) > 1:
+        a = a.at[:, ops.index("none")].set(-jnp.inf)
+    return [ops[int(i)] for i in jnp.argmax(a, axis=-1)]
+
+
+def save_genotype(path: str | Path, genotype: dict) -> None:
+    """Write the genotype JSON deterministically (sorted keys, fixed float formatting)."""
+    Path(path).write_text(json.dumps(genotype, indent=2, sort_keys=True) + "\n")
+
+
+def load_genotype(path: str | Path, known_ops) -> dict:
+    """Read and check a genotype JSON written by :func:`save_genotype`."""
+    p = Path(path)
+    if not p.is_file():
+        raise GenotypeError(f"genotype file not found: {path}")
+    try:
+        g = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GenotypeError(f"genotype file {path} is not valid JSON ({e})") from None
+    if not isinstance(g, dict) or not isinstance(g.get("ops"), list) or not g["ops"]:
+        raise GenotypeError(f"genotype file {path} has no 'ops' list")
+    for row in g["ops"]:
+        names = row if isinstance(row, list) else [row]
+        for name in names:
+            if name not in known_ops:
+                raise GenotypeError(f"genotype {path}: unknown op {name!r} (known: {', '.join(known_ops)})")
+    return g

@@ -1,0 +1,349 @@
+"""Every knob of a run, as frozen dataclasses, with validation and typed ``a.b=v`` overrides.
+
+A config file is a Python module with ``get_config() -> Config`` (see ``configs/``). ``--preset NAME``
+is a shorthand for ``--config configs/NAME.py``. All errors raise :class:`ConfigError`, whose message is
+one line naming the key and the allowed values; the CLI turns it into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from asose_jax.ops import PRIMITIVES, OP_REGISTRY
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config value or override: the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    skeleton: str = "resnet"  # "original" (faithful ASO-SE chain) or "resnet" (residual, one stride per stage)
+    init_channels: int = 32  # C0: stem output channels
+    num_layers: int = 4  # L: evolvable blocks
+    ops: tuple[str, ...] = PRIMITIVES  # op set of every mixed op, in alpha column order
+    num_classes: int = 10
+    stage_width_mult: int = 2  # channel factor at each downsampling stage
+
+
+@dataclass(frozen=True)
+class MixedOpConfig:
+    mode: str = "single"  # dense | single | topk | threshold | argmax (used in training steps)
+    k: int = 3  # ops kept by topk / threshold
+    weight_threshold: float = 0.01  # threshold mode: ops under this weight are skipped
+    eval_mode: str = "argmax"  # mode used by eval_step
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    init_scale: float = 0.1  # alpha ~ init_scale * N(0, 1)
+    lr: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 1e-3  # L2 added to the gradient (torch Adam semantics)
+    clip_norm: float = 5.0
+    tau_init: float = 5.0
+    tau_decay: float = 0.98  # per arch epoch
+    tau_min: float = 0.1
+    hard: bool = True  # hard (one-hot forward, straight-through) Gumbel samples
+    genotype_exclude_none: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.025
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    clip_norm: float = 5.0
+    clip_mode: str = "global_norm"  # global_norm | soft (the original's 5 + 0.1 (g - 5) rescale)
+    schedule: str = "cosine_restarts"  # cosine_restarts (per weight epoch, T0 / Tmult) | constant
+    t0_epochs: int = 50
+    t_mult: int = 2
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "auto"  # auto | dir | tfds | download | synthetic
+    dir: str = ""  # cifar-10-batches-py directory (or its parent); also ASOSE_DATA_DIR
+    arch_val_size: int = 10000  # held out of the 50k train images for the arch step and decisions
+    train_subset: int = 0  # 0 = all remaining images; else the first N of the weights split
+    test_subset: int = 0  # 0 = all 10k
+    synthetic_train: int = 2048
+    synthetic_test: int = 512
+    batch_size: int = 128
+    crop: bool = True  # random crop with 4-pixel zero padding
+    flip: bool = True
+
+
+@dataclass(frozen=True)
+class CycleConfig:
+    max_cycles: int = 15
+    warmup_epochs: int = 0  # extra weight epochs with alpha frozen before the first cycle
+    weight_epochs: int = 6
+    arch_epochs: int = 2
+    retrain_epochs: int = 4
+    early_stop_cycles: int = 5  # stop when the last N cycles' arch-val accuracy spans < early_stop_range
+    early_stop_range: float = 0.3  # percentage points
+    target_acc: float = 0.0  # stop when arch-val accuracy (%) reaches it; 0 = never
+    eval_every_epoch: bool = True
+
+
+@dataclass(frozen=True)
+class GrowthConfig:
+    enabled: bool = True
+    every: int = 4  # forced growth every N cycles (0 = never)
+    stagnation_cycles: int = 3
+    stagnation_range: float = 0.5  # percentage points of arch-val accuracy
+    kinds: tuple[str, ...] = ("deepen", "widen", "branch")
+    strategy: str = "original"  # original (accuracy-dependent random draw) | cycle (kinds in turn)
+    max_depth: int = 15
+    depth_param_cap: int = 0  # no depth growth above this many weights (0 = no cap)
+    widen_factor: float = 1.5
+
+
+@dataclass(frozen=True)
+class FinalConfig:
+    enabled: bool = False  # train the derived network after the search
+    epochs: int = 30
+    lr: float = 0.4
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 2.0
+    ema_decay: float = 0.0
+    cutout: int = 0
+    batch_size: int = 512
+    skeleton: str = "resnet"
+    width: int = 0  # 0 = the searched network's widths
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every_steps: int = 0  # also save every N steps inside an epoch (0 = only at phase ends)
+    max_to_keep: int = 3
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    allow_config_change: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and BN statistics)
+    remat: bool = False  # jax.checkpoint each block
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mixed_op: MixedOpConfig = field(default_factory=MixedOpConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cycle: CycleConfig = field(default_factory=CycleConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_config_file(path: str | Path) -> Config:
+    """Import ``path`` and return its ``get_config()``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"asose_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken user file: name it, no traceback
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"config file {path}: get_config() must return asose_jax.config.Config")
+    return cfg
+
+
+def preset_path(name: str) -> Path:
+    path = CONFIG_DIR / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+    return path
+
+
+def _parse_value(key: str, raw: str, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {raw!r}")
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+    if typ is str:
+        return raw
+    if origin is tuple:
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+        (inner, *_) = typing.get_args(typ)
+        return tuple(_parse_value(key, s, inner) for s in items)
+    raise ConfigError(f"{key}: cannot be set from the command line")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``a.b=v`` strings, typed by the dataclass field; unknown keys raise ConfigError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        cfg = _set_path(cfg, key.split("."), raw, key)
+    return cfg
+
+
+def _set_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
+    names = {f.name for f in fields(obj)}
+    head = parts[0]
+    if head not in names:
+        raise ConfigError(f"unknown config key {key!r} (valid here: {', '.join(sorted(names))})")
+    value = getattr(obj, head)
+    if len(parts) == 1:
+        if is_dataclass(value):
+            raise ConfigError(f"{key} is a section; set one of its fields, e.g. {key}.{fields(value)[0].name}=...")
+        return replace(obj, **{head: _parse_value(key, raw, _field_types(type(obj))[head])})
+    if not is_dataclass(value):
+        raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:1])} has no sub-keys")
+    return replace(obj, **{head: _set_path(value, parts[1:], raw, key)})
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the first bad value; return cfg unchanged when all is well."""
+    m, mo, a, o, d, c, g, f = cfg.model, cfg.mixed_op, cfg.arch, cfg.optim, cfg.data, cfg.cycle, cfg.growth, cfg.final
+    _check(cfg.precision in ("fp32", "bf16"), "precision", "fp32 | bf16", cfg.precision)
+    _check(m.skeleton in ("original", "resnet"), "model.skeleton", "original | resnet", m.skeleton)
+    _check(m.init_channels >= 2, "model.init_channels", ">= 2", m.init_channels)
+    _check(m.num_layers >= 1, "model.num_layers", ">= 1", m.num_layers)
+    _check(len(m.ops) >= 1, "model.ops", "a non-empty list of op names", m.ops)
+    for op in m.ops:
+        _check(op in OP_REGISTRY, "model.ops", " | ".join(OP_REGISTRY), op)
+    _check(len(set(m.ops)) == len(m.ops), "model.ops", "distinct op names", m.ops)
+    _check(m.num_classes >= 2, "model.num_classes", ">= 2", m.num_classes)
+    _check(m.stage_width_mult >= 1, "model.stage_width_mult", ">= 1", m.stage_width_mult)
+    modes = ("dense", "single", "topk", "threshold", "argmax")
+    _check(mo.mode in modes, "mixed_op.mode", " | ".join(modes), mo.mode)
+    _check(mo.eval_mode in modes, "mixed_op.eval_mode", " | ".join(modes), mo.eval_mode)
+    _check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
+    _check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)
+    for name, v in (("arch.lr", a.lr), ("optim.lr", o.lr), ("final.lr", f.lr)):
+        _check(v > 0 and math.isfinite(v), name, "> 0", v)
+    for name, v in (("arch.weight_decay", a.weight_decay), ("optim.weight_decay", o.weight_decay),
+                    ("final.weight_decay", f.weight_decay), ("optim.min_lr", o.min_lr)):
+        _check(v >= 0 and math.isfinite(v), name, ">= 0", v)
+    _check(0 <= a.b1 < 1 and 0 <= a.b2 < 1, "arch.b1/b2", "[0, 1)", (a.b1, a.b2))
+    _check(0 <= o.momentum < 1, "optim.momentum", "[0, 1)", o.momentum)
+    _check(a.clip_norm > 0 and o.clip_norm > 0, "arch.clip_norm/optim.clip_norm", "> 0", (a.clip_norm, o.clip_norm))
+    _check(o.clip_mode in ("global_norm", "soft"), "optim.clip_mode", "global_norm | soft", o.clip_mode)
+    _check(o.schedule in ("cosine_restarts", "constant"), "optim.schedule", "cosine_restarts | constant", o.schedule)
+    _check(o.t0_epochs >= 1 and o.t_mult >= 1, "optim.t0_epochs/t_mult", ">= 1", (o.t0_epochs, o.t_mult))
+    _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", "[0, 1)", o.label_smoothing)
+    _check(a.tau_init > 0 and 0 < a.tau_decay <= 1 and 0 < a.tau_min <= a.tau_init, "arch.tau_*",
+           "tau_init > 0, 0 < tau_decay <= 1, 0 < tau_min <= tau_init", (a.tau_init, a.tau_decay, a.tau_min))
+    _check(a.init_scale >= 0, "arch.init_scale", ">= 0", a.init_scale)
+    sources = ("auto", "dir", "tfds", "download", "synthetic")
+    _check(d.source in sources, "data.source", " | ".join(sources), d.source)
+    _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    _check(0 < d.arch_val_size < 50000 or d.source == "synthetic", "data.arch_val_size", "1..49999", d.arch_val_size)
+    _check(d.arch_val_size > 0, "data.arch_val_size", ">= 1", d.arch_val_size)
+    _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset/test_subset", ">= 0", (d.train_subset, d.test_subset))
+    _check(d.synthetic_train > d.arch_val_size or d.source != "synthetic", "data.synthetic_train",
+           "> data.arch_val_size", d.synthetic_train)
+    _check(c.max_cycles >= 1, "cycle.max_cycles", ">= 1", c.max_cycles)
+    _check(c.weight_epochs >= 1, "cycle.weight_epochs", ">= 1", c.weight_epochs)
+    for name, v in (("cycle.warmup_epochs", c.warmup_epochs), ("cycle.arch_epochs", c.arch_epochs),
+                    ("cycle.retrain_epochs", c.retrain_epochs)):
+        _check(v >= 0, name, ">= 0", v)
+    _check(c.early_stop_cycles >= 0 and c.early_stop_range >= 0, "cycle.early_stop_*", ">= 0",
+           (c.early_stop_cycles, c.early_stop_range))
+    _check(0 <= c.target_acc <= 100, "cycle.target_acc", "0..100 (percent)", c.target_acc)
+    _check(g.every >= 0, "growth.every", ">= 0", g.every)
+    for kind in g.kinds:
+        _check(kind in ("deepen", "widen", "branch"), "growth.kinds", "deepen | widen | branch", kind)
+    _check(g.strategy in ("original", "cycle"), "growth.strategy", "original | cycle", g.strategy)
+    _check(g.widen_factor > 1.0, "growth.widen_factor", "> 1", g.widen_factor)
+    _check(g.max_depth >= m.num_layers, "growth.max_depth", f">= model.num_layers ({m.num_layers})", g.max_depth)
+    _check(f.epochs >= 1, "final.epochs", ">= 1", f.epochs)
+    _check(f.batch_size >= 1, "final.batch_size", ">= 1", f.batch_size)
+    _check(f.skeleton in ("original", "resnet"), "final.skeleton", "original | resnet", f.skeleton)
+    _check(0 <= f.ema_decay < 1, "final.ema_decay", "[0, 1)", f.ema_decay)
+    _check(f.cutout >= 0, "final.cutout", ">= 0", f.cutout)
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
+    _check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- serialisation
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config, ignore: tuple[str, ...] = ("resume",)) -> str:
+    """sha256 of the JSON config (sections in ``ignore`` excluded): identifies a run for resume."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_dict(d: dict) -> Config:
+    def build(cls, data):
+        kwargs = {}
+        hints = _field_types(cls)
+        for f_ in fields(cls):
+            if f_.name not in data:
+                continue
+            v = data[f_.name]
+            t = hints[f_.name]
+            if is_dataclass(t):
+                v = build(t, v)
+            elif typing.get_origin(t) is tuple:
+                v = tuple(v)
+            kwargs[f_.name] = v
+        return cls(**kwargs)
+
+    return build(Config, d)

@@ -1,0 +1,297 @@
+"""The ASO-SE loop: (warm-up) then cycles of weight -> arch -> growth decision -> re-train.
+
+Only orchestration lives here: the math is in ``steps``, ``growth`` and ``arch``. The run is a fixed,
+config-determined list of *tasks* (epochs, growth decisions, cycle ends); the cursor is an index into
+that list plus the step inside the current epoch, so a restored checkpoint resumes exactly. Epoch
+order comes from ``(seed, epoch_id)`` and per-step randomness from ``fold_in(key, step)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from asose_jax import arch, policy
+from asose_jax.checkpoint import Checkpointer
+from asose_jax.config import Config, config_hash
+from asose_jax.data import Dataset, epoch_permutation, normalize
+from asose_jax.model import NetSpec, build_spec, count_params
+from asose_jax.steps import PHASES, Steps, TrainState, create_train_state, evaluate, make_steps, zero_sums
+
+logger = logging.getLogger(__name__)
+LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN/Inf; nothing was saved past the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # "epoch" | "grow" | "cycle_end"
+    cycle: int
+    phase: str = ""
+    epoch: int = 0  # epoch index inside its phase
+    epoch_id: int = 0  # global epoch counter (seeds the epoch order)
+
+
+def plan(cfg: Config) -> list[Task]:
+    """Every task of the run in order (early stopping may end it sooner)."""
+    c = cfg.cycle
+    tasks: list[Task] = []
+    epoch_id = 0
+
+    def epochs(cycle, phase, n):
+        nonlocal epoch_id
+        for e in range(n):
+            tasks.append(Task("epoch", cycle, phase, e, epoch_id))
+            epoch_id += 1
+    epochs(0, "warmup", c.warmup_epochs)
+    for cyc in range(1, c.max_cycles + 1):
+        epochs(cyc, "weight", c.weight_epochs)
+        epochs(cyc, "arch", c.arch_epochs)
+        tasks.append(Task("grow", cyc))
+        epochs(cyc, "retrain", c.retrain_epochs)
+        tasks.append(Task("cycle_end", cyc))
+    return tasks
+
+
+def _device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')}"
+
+
+class Run:
+    """One search run in a workdir: state, spec, compiled steps, metrics, checkpoints."""
+
+    def __init__(self, cfg: Config, data: Dataset, workdir: str | Path, progress: bool = True):
+        self.cfg, self.data, self.workdir = cfg, data, Path(workdir)
+        self.progress = progress
+        self.tasks = plan(cfg)
+        bs = cfg.data.batch_size
+        self.n_weight_steps = data.train.images.shape[0] // bs
+        self.n_arch_steps = data.arch_val.images.shape[0] // bs
+        self.x_train, self.y_train = jnp.asarray(data.train.images), jnp.asarray(data.train.labels)
+        self.x_val, self.y_val = jnp.asarray(data.arch_val.images), jnp.asarray(data.arch_val.labels)
+        self.metrics: list[dict] = []
+        self.task_index, self.step_in_epoch = 0, 0
+        self.alpha_history: list[dict] = []
+        self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
+        self.config_hash = config_hash(cfg)
+        self.wall_offset = 0.0
+        self._t0 = time.perf_counter()
+
+    # -------------------------------------------------------------------------------------- state
+    def init_state(self) -> None:
+        m = self.cfg.model
+        self.spec = build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
+        self.state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(
+            jax.random.PRNGKey(self.cfg.seed), self.spec, self.cfg, self.n_weight_steps)
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+
+    def param_count(self) -> int:
+        return count_params(self.state.params)
+
+    def abstract_state(self, spec: NetSpec):
+        return jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, self.cfg, self.n_weight_steps))
+
+    def try_resume(self) -> bool:
+        if self.ckpt is None or not self.ckpt.steps():
+            return False
+        restored = self.ckpt.restore_latest(self.abstract_state)
+        if restored is None:
+            logger.warning("no readable checkpoint in %s; starting from scratch", self.ckpt.directory)
+            return False
+        meta = restored.meta
+        self.state, self.spec = restored.state, restored.spec
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        self.task_index, self.step_in_epoch = meta["task_index"], meta["step_in_epoch"]
+        self.metrics = meta["metrics"]
+        self.alpha_history = meta["alpha_history"]
+        self.wall_offset = meta.get("wall_s", 0.0)
+        self._write_metrics()
+        t = self.tasks[self.task_index] if self.task_index < len(self.tasks) else None
+        where = f"cycle {t.cycle}, {t.kind} {t.phase} epoch {t.epoch}" if t else "the end"
+        logger.info("resumed from checkpoint %d: step %d (%s, step %d of the epoch)", restored.ckpt_id,
+                    int(self.state.step), where, self.step_in_epoch)
+        return True
+
+    def save(self) -> None:
+        if self.ckpt is None:
+            return
+        meta = {"task_index": self.task_index, "step_in_epoch": self.step_in_epoch, "metrics": self.metrics,
+                "alpha_history": self.alpha_history, "config_hash": self.config_hash, "wall_s": self.wall_s()}
+        self.ckpt.save(self.state, self.spec, meta)
+
+    def wall_s(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._t0
+
+    # -------------------------------------------------------------------------------------- logging
+    def _write_metrics(self) -> None:
+        path = self.workdir / "metrics.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics))
+        os.replace(tmp, path)
+
+    def log(self, row: dict) -> None:
+        self.metrics.append(row)
+        self._write_metrics()
+
+    def tau(self) -> float:
+        return float(self.steps.tau(self.state.arch_epochs))
+
+    def record_alpha(self, cycle: int, phase: str) -> None:
+        probs = jax.nn.softmax(self.state.alpha, -1)
+        self.alpha_history.append({"cycle": cycle, "phase": phase, "probs": np.asarray(probs).round(6).tolist()})
+
+    # -------------------------------------------------------------------------------------- tasks
+    def run_epoch(self, task: Task) -> None:
+        arch_phase = task.phase == "arch"
+        n_steps = self.n_arch_steps if arch_phase else self.n_weight_steps
+        step_fn = self.steps.arch_step if arch_phase else self.steps.weight_step
+        x, y = (self.x_val, self.y_val) if arch_phase else (self.x_train, self.y_train)
+        perm = jnp.asarray(epoch_permutation(self.cfg.seed, task.epoch_id, int(x.shape[0]), self.cfg.data.batch_size))
+        if self.step_in_epoch == 0:
+            self.state = self.state.replace(sums=zero_sums(), cycle=jnp.int32(task.cycle),
+                                            phase=jnp.int32(PHASES.index(task.phase)))
+        every = self.cfg.checkpoint.every_steps
+        desc = f"cycle {task.cycle} {task.phase} {task.epoch + 1}"
+        bar = tqdm(total=n_steps, initial=self.step_in_epoch, desc=desc, leave=False, disable=not self.progress,
+                   dynamic_ncols=True)
+        t_start, start_step = time.perf_counter(), self.step_in_epoch
+        for i in range(self.step_in_epoch, n_steps):
+            self.state = step_fn(self.state, x, y, perm, i)
+            self.step_in_epoch = i + 1
+            if (i + 1) % LOG_EVERY == 0 or i + 1 == n_steps:
+                sums = jax.device_get(self.state.sums)
+                self._check_finite(sums, task)
+                bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
+                                acc=f"{100 * sums['correct'] / max(sums['count'], 1):.1f}", refresh=False)
+                bar.update(i + 1 - bar.n)
+            if every and (i + 1) % every == 0 and i + 1 < n_steps:
+                self._check_finite(jax.device_get(self.state.sums), task)
+                self.save()
+        jax.block_until_ready(self.state)
+        elapsed = time.perf_counter() - t_start
+        bar.close()
+        sums = jax.device_get(self.state.sums)
+        self._check_finite(sums, task)
+        count = max(int(sums["count"]), 1)
+        row = {"event": "epoch", "cycle": task.cycle, "phase": task.phase, "epoch": task.epoch,
+               "step": int(self.state.step), "loss": float(sums["loss"]) / count,
+               "acc": 100.0 * int(sums["correct"]) / count, "split": "arch_val" if arch_phase else "weights",
+               "tau": self.tau(), "alpha_entropy": float(jnp.mean(arch.entropy(self.state.alpha))),
+               "img_per_s": (n_steps - start_step) * self.cfg.data.batch_size / max(elapsed, 1e-9),
+               "params": count_params(self.state.params)}
+        if arch_phase:
+            self.state = self.state.replace(arch_epochs=self.state.arch_epochs + 1)
+            row["op_probs"] = np.asarray(jnp.mean(jax.nn.softmax(self.state.alpha, -1), 0)).round(5).tolist()
+        if self.cfg.cycle.eval_every_epoch or task.epoch + 1 == self._phase_len(task.phase):
+            ev = evaluate(self.steps, self.state, self.x_val, self.y_val)
+            row.update(val_loss=ev["loss"], val_acc=ev["acc"])
+        row["wall_s"] = self.wall_s()
+        self.log(row)
+        self.step_in_epoch = 0
+        if arch_phase or task.epoch + 1 == self._phase_len(task.phase):
+            self.record_alpha(task.cycle, task.phase)
+
+    def _phase_len(self, phase: str) -> int:
+        c = self.cfg.cycle
+        return {"warmup": c.warmup_epochs, "weight": c.weight_epochs, "arch": c.arch_epochs,
+                "retrain": c.retrain_epochs}[phase]
+
+    def _check_finite(self, sums: dict, task: Task) -> None:
+        if not math.isfinite(float(sums["loss"])):
+            raise DivergenceError(f"loss became NaN/Inf at step {int(self.state.step)} (cycle {task.cycle}, "
+                                  f"{task.phase} epoch {task.epoch + 1}); the last good checkpoint is kept")
+
+    def cycle_accuracies(self) -> list[float]:
+        return [r["val_acc"] for r in self.metrics if r.get("event") == "cycle_end"]
+
+    def run_grow(self, task: Task) -> None:
+        if not self.cfg.growth.enabled:
+            return
+        from asose_jax import growth  # noqa: PLC0415  (growth pulls in the optimizer-transfer machinery)
+        key = jax.random.fold_in(jax.random.fold_in(self.state.key, 7919), task.cycle)
+        k_decide, k_grow = jax.random.split(key)
+        events = [r for r in self.metrics if r.get("event") == "growth"]
+        kind = policy.decide(self.cfg, self.spec, self.state.params, k_decide, task.cycle, self.cycle_accuracies(),
+                             [r["kind"] for r in events], events[-1]["cycle"] if events else 0)
+        if kind is None:
+            return
+        x_fixed = normalize(self.x_val[:64])
+        before_spec, before_state = self.spec, self.state
+        self.spec, self.state, info = growth.grow(kind, self.spec, self.state, k_grow, self.cfg)
+        diff = growth.max_abs_logit_diff(before_spec, before_state, self.spec, self.state, x_fixed)
+        del before_state
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        self.log({"event": "growth", "cycle": task.cycle, "step": int(self.state.step), **info,
+                  "max_abs_logit_diff": diff, "wall_s": self.wall_s()})
+        logger.info("growth at cycle %d: %s at %s, params %d -> %d, max |logit diff| %.2e", task.cycle,
+                    info["kind"], info["position"], info["params_before"], info["params_after"], diff)
+
+    def run_cycle_end(self, task: Task) -> bool:
+        """Evaluate, log; True when the run should stop early."""
+        ev = evaluate(self.steps, self.state, self.x_val, self.y_val)
+        self.log({"event": "cycle_end", "cycle": task.cycle, "step": int(self.state.step), "val_loss": ev["loss"],
+                  "val_acc": ev["acc"], "tau": self.tau(), "params": count_params(self.state.params),
+                  "layers": len(self.spec.blocks), "genotype": self.genotype()["ops"], "wall_s": self.wall_s()})
+        c = self.cfg.cycle
+        accs = self.cycle_accuracies()
+        if c.target_acc and accs[-1] >= c.target_acc:
+            logger.info("arch-val accuracy %.2f%% reached the target %.2f%%: stopping", accs[-1], c.target_acc)
+            return True
+        if c.early_stop_cycles and len(accs) >= c.early_stop_cycles:
+            window = accs[-c.early_stop_cycles:]
+            if max(window) - min(window) < c.early_stop_range:
+                logger.info("arch-val accuracy flat over %d cycles: early stop", c.early_stop_cycles)
+                return True
+        return False
+
+    def genotype(self) -> dict:
+        rows = arch.derive_genotype(self.state.alpha, self.spec.ops, self.cfg.arch.genotype_exclude_none)
+        ops, offsets = [], self.spec.row_offsets()
+        for block, off in zip(self.spec.blocks, offsets):
+            ops.append(rows[off] if block.n_paths == 1 else rows[off:off + block.n_paths])
+        return {"skeleton": self.spec.skeleton, "ops": ops, "op_set": list(self.spec.ops),
+                "blocks": [{"c_in": b.c_in, "c_out": b.c_out, "stride": b.stride} for b in self.spec.blocks],
+                "stem_channels": self.spec.stem_channels, "num_classes": self.spec.num_classes}
+
+    # -------------------------------------------------------------------------------------- main loop
+    def execute(self) -> dict:
+        """Run (or finish) every task; returns the final arch-val and test figures."""
+        try:
+            while self.task_index < len(self.tasks):
+                task = self.tasks[self.task_index]
+                stop = False
+                if task.kind == "epoch":
+                    self.run_epoch(task)
+                elif task.kind == "grow":
+                    self.run_grow(task)
+                else:
+                    stop = self.run_cycle_end(task)
+                self.task_index = len(self.tasks) if stop else self.task_index + 1
+                self.save()
+        finally:
+            if self.ckpt is not None:
+                self.ckpt.wait()
+        return self.finish()
+
+    def finish(self) -> dict:
+        ev = evaluate(self.steps, self.state, self.x_val, self.y_val)
+        test = evaluate(self.steps, self.state, jnp.asarray(self.data.test.images), jnp.asarray(self.data.test.labels))
+        result = {"arch_val_acc": ev["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
+                  "params": count_params(self.state.params), "layers": len(self.spec.blocks),
+                  "steps": int(self.state.step), "device": _device_name()}
+        arch.save_genotype(self.workdir / "genotype.json", self.genotype())
+        return result

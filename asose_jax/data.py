@@ -1,0 +1,351 @@
+"""CIFAR-10 loading (pure numpy) and on-device augmentation (jax.numpy).
+
+Loading gives host ``uint8`` NHWC images and ``int32`` labels in three splits:
+
+* ``train``    -- what the weights fit;
+* ``arch_val`` -- held out of the 50k training images for the architecture step and every decision
+  (early stop, growth); never the test set;
+* ``test``     -- reporting only.
+
+Sources (``DataConfig.source``): a ``cifar-10-batches-py`` directory, ``tensorflow_datasets`` (if already
+prepared), a download of the official tarball into ``~/.cache/asose_jax`` (``ASOSE_CACHE_DIR``), or a small
+learnable synthetic set. Every failure raises :class:`DataError` with a one-line message.
+
+Augmentation (:func:`augment_batch`) and :func:`normalize` are jittable and run on device: random crop with
+4-pixel zero padding, horizontal flip, optional cutout, then per-channel normalisation with the original
+ASO-SE constants :data:`CIFAR_MEAN` / :data:`CIFAR_STD` (0..255 scale).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from asose_jax.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_DIRNAME = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+DOWNLOAD_TIMEOUT_S = 10.0
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+CROP_PADDING = 4
+
+CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32) * np.float32(255.0)
+CIFAR_STD = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32) * np.float32(255.0)
+
+
+class DataError(RuntimeError):
+    """A data problem; message is ONE line for the user (CLI prints it, exit code 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Host arrays of one split."""
+
+    images: np.ndarray  # uint8 [N, 32, 32, 3] NHWC
+    labels: np.ndarray  # int32 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: np.ndarray | slice) -> Split:
+        """The examples at ``idx`` (an index array or a slice), as a new Split."""
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    train: Split  # weights-train split (what the weights fit)
+    arch_val: Split  # held-out split for the architecture step and all decisions (never the test set)
+    test: Split  # reporting only
+    source: str  # "dir:/path", "tfds", "download:/path", "synthetic"
+    num_classes: int = NUM_CLASSES
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """Resolve ``cfg.source``, load train/test, hold out ``arch_val`` and apply the subsets."""
+    if cfg.source == "synthetic":
+        if cfg.arch_val_size >= cfg.synthetic_train:
+            raise DataError(f"data.arch_val_size={cfg.arch_val_size} must be smaller than "
+                            f"data.synthetic_train={cfg.synthetic_train}")
+        full_train, test = synthetic_cifar(cfg.synthetic_train, cfg.synthetic_test, seed)
+        source = "synthetic"
+    else:
+        full_train, test, source = _load_real(cfg)
+    train, arch_val = split_arch_val(full_train, cfg.arch_val_size, seed)
+    if cfg.train_subset > 0:
+        train = train.take(slice(0, cfg.train_subset))
+    if cfg.test_subset > 0:
+        test = test.take(slice(0, cfg.test_subset))
+    logger.info("data %s: %d train, %d arch-val, %d test", source, len(train), len(arch_val), len(test))
+    return Dataset(train=train, arch_val=arch_val, test=test, source=source)
+
+
+def _load_real(cfg: DataConfig) -> tuple[Split, Split, str]:
+    """(train 50k, test 10k, source string) for the non-synthetic sources."""
+    env_dir = os.environ.get("ASOSE_DATA_DIR", "")
+    if cfg.source in ("auto", "dir"):
+        path = cfg.dir or env_dir
+        if path:
+            train, test = load_cifar10_dir(path)
+            return train, test, f"dir:{Path(path).expanduser().resolve()}"
+        if cfg.source == "dir":
+            raise DataError("data.source=dir needs a directory: pass --data-dir or set ASOSE_DATA_DIR")
+    if cfg.source == "tfds":
+        train, test = load_tfds()
+        return train, test, "tfds"
+    if cfg.source == "auto":
+        try:
+            train, test = load_tfds()
+            return train, test, "tfds"
+        except DataError as e:
+            logger.debug("tfds not used: %s", e)
+        cached = cache_dir() / CIFAR10_DIRNAME
+        if cached.is_dir():
+            train, test = load_cifar10_dir(cached)
+            return train, test, f"dir:{cached}"
+    path = download_cifar10()
+    train, test = load_cifar10_dir(path)
+    return train, test, f"download:{path}"
+
+
+def cache_dir() -> Path:
+    """``$ASOSE_CACHE_DIR`` or ``~/.cache/asose_jax``."""
+    return Path(os.environ.get("ASOSE_CACHE_DIR") or Path.home() / ".cache" / "asose_jax").expanduser()
+
+
+def load_tfds() -> tuple[Split, Split]:
+    """(train, test) from an already prepared ``tensorflow_datasets`` cifar10 (never downloads)."""
+    hint = ("prepare it with: python -c \"import tensorflow_datasets as tfds; "
+            "tfds.builder('cifar10', file_format='array_record').download_and_prepare()\"")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError("tensorflow_datasets is not installed (pip install 'asose_jax[tfds]'); "
+                        + hint) from None
+    try:
+        sources = tfds.data_source("cifar10", download=False)
+        splits = []
+        for name in ("train", "test"):
+            ds = sources[name]
+            examples = [ds[i] for i in range(len(ds))]
+            images = np.stack([np.asarray(ex["image"]) for ex in examples])
+            labels = np.asarray([int(ex["label"]) for ex in examples])
+            splits.append(_checked_split(images, labels, f"tfds cifar10/{name}"))
+    except DataError:
+        raise
+    except Exception as e:  # tfds raises many types for "not prepared"; report any as one line
+        raise DataError(f"tfds cifar10 is not available ({type(e).__name__}: {_one_line(e)}); {hint}") from None
+    return splits[0], splits[1]
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+def download_cifar10() -> Path:
+    """Download, md5-check and extract the official tarball into :func:`cache_dir`; return the batches dir."""
+    root = cache_dir()
+    target = root / CIFAR10_DIRNAME
+    if target.is_dir():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create cache directory {root}: {_one_line(e)}") from None
+    archive = root / "cifar-10-python.tar.gz"
+    _fetch(CIFAR10_URL, archive, CIFAR10_MD5)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"cannot extract {archive}: {_one_line(e)}") from None
+        if not (tmp / CIFAR10_DIRNAME).is_dir():
+            raise DataError(f"{archive} does not contain {CIFAR10_DIRNAME}/")
+        if not target.is_dir():  # another process may have finished first
+            os.replace(tmp / CIFAR10_DIRNAME, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    archive.unlink(missing_ok=True)
+    logger.info("CIFAR-10 extracted to %s", target)
+    return target
+
+
+def _fetch(url: str, dest: Path, md5: str) -> None:
+    """Stream ``url`` to ``dest.part`` with a progress bar, check md5, then rename to ``dest``."""
+    part = dest.with_name(dest.name + ".part")
+    digest = hashlib.md5()
+    logger.info("downloading %s -> %s", url, dest)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(part, "wb") as f:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=None) as bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, refused connections, bad URLs
+        part.unlink(missing_ok=True)
+        raise DataError(f"cannot download CIFAR-10 ({type(e).__name__}: {_one_line(e)}); "
+                        "pass --data-dir or set ASOSE_DATA_DIR") from None
+    got = digest.hexdigest()
+    if got != md5:
+        part.unlink(missing_ok=True)
+        raise DataError(f"md5 mismatch for {url}: expected {md5}, got {got} (partial file deleted)")
+    os.replace(part, dest)
+
+
+# ---------------------------------------------------------------------------------------------- batches dir
+
+def load_cifar10_dir(path: str | os.PathLike) -> tuple[Split, Split]:
+    """(train 50k, test 10k) from a ``cifar-10-batches-py`` directory or a parent that contains it."""
+    root = Path(path).expanduser()
+    if (root / CIFAR10_DIRNAME).is_dir():
+        root = root / CIFAR10_DIRNAME
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {path}")
+    train_parts = [_read_batch(root / name) for name in CIFAR10_TRAIN_FILES]
+    train = Split(np.concatenate([s.images for s in train_parts]), np.concatenate([s.labels for s in train_parts]))
+    test = _read_batch(root / CIFAR10_TEST_FILE)
+    logger.info("loaded CIFAR-10 from %s: %d train, %d test", root, len(train), len(test))
+    return train, test
+
+
+def _read_batch(file: Path) -> Split:
+    """One pickled batch: ``b'data'`` N x 3072 (R, G, B planes, row-major) -> NHWC uint8."""
+    if not file.is_file():
+        raise DataError(f"missing CIFAR-10 batch file: {file}")
+    try:
+        with open(file, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"])
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError, IndexError,
+            AttributeError, ImportError) as e:
+        raise DataError(f"corrupted CIFAR-10 batch file {file} ({type(e).__name__}: {_one_line(e)})") from None
+    h, w, c = IMAGE_SHAPE
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != h * w * c:
+        raise DataError(f"bad CIFAR-10 batch file {file}: data is {data.dtype} {data.shape}, "
+                        f"expected uint8 (N, {h * w * c})")
+    images = data.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
+    return _checked_split(images, labels, f"CIFAR-10 batch file {file}")
+
+
+def _checked_split(images: np.ndarray, labels: np.ndarray, what: str) -> Split:
+    """Validate shapes/range and return a contiguous uint8/int32 Split; DataError names ``what``."""
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"bad {what}: images have shape {images.shape}, expected (N, 32, 32, 3)")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"bad {what}: {labels.shape} labels for {images.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(f"bad {what}: labels span {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}")
+    return Split(np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int32))
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+def synthetic_cifar(n_train: int, n_test: int, seed: int, num_classes: int = NUM_CLASSES) -> tuple[Split, Split]:
+    """A small learnable CIFAR-shaped set: per-class colour + low-frequency pattern templates plus noise.
+
+    Returns (train, test) Splits of ``n_train`` / ``n_test`` uint8 [N, 32, 32, 3] images with balanced
+    int32 labels; deterministic given ``seed``. Train and test share the templates, not the noise.
+    """
+    rng = np.random.default_rng(seed)
+    h, w, c = IMAGE_SHAPE
+    yy, xx = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
+    colour = rng.uniform(50.0, 205.0, size=(num_classes, 1, 1, c))
+    freq = rng.integers(1, 4, size=(num_classes, 2, c))  # cycles per image along y / x
+    phase = rng.uniform(0.0, 2 * np.pi, size=(num_classes, c))
+    pattern = np.sin(2 * np.pi * (freq[:, None, None, 0] * yy[None, :, :, None]
+                                  + freq[:, None, None, 1] * xx[None, :, :, None]) + phase[:, None, None, :])
+    templates = colour + 45.0 * pattern  # [classes, H, W, C]
+
+    def draw(n: int) -> Split:
+        labels = rng.permutation(np.arange(n) % num_classes)
+        gain = rng.uniform(0.8, 1.2, size=(n, 1, 1, 1))
+        noise = rng.normal(0.0, 25.0, size=(n, h, w, c))
+        images = np.clip(np.rint(templates[labels] * gain + noise), 0, 255).astype(np.uint8)
+        return Split(images, labels.astype(np.int32))
+
+    return draw(n_train), draw(n_test)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+def split_arch_val(train: Split, arch_val_size: int, seed: int) -> tuple[Split, Split]:
+    """(weights split, arch_val split): a seeded permutation; its last ``arch_val_size`` go to arch_val."""
+    n = len(train)
+    if not 0 < arch_val_size < n:
+        raise DataError(f"data.arch_val_size={arch_val_size} must be in 1..{n - 1} (the training set has {n} images)")
+    perm = np.random.default_rng(seed).permutation(n)
+    return train.take(perm[:-arch_val_size]), train.take(perm[-arch_val_size:])
+
+
+def epoch_permutation(seed: int, epoch_id: int, n: int, batch_size: int) -> np.ndarray:
+    """int32 [n // batch_size, batch_size] example indices of one epoch (drop_last), seeded by (seed, epoch_id)."""
+    if batch_size < 1 or n < batch_size:
+        raise DataError(f"batch size {batch_size} needs at least that many examples, the split has {n}")
+    steps = n // batch_size
+    perm = np.random.default_rng((seed, epoch_id)).permutation(n)[: steps * batch_size]
+    return perm.reshape(steps, batch_size).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- on device
+
+def normalize(images_u8: jnp.ndarray) -> jnp.ndarray:
+    """uint8 [..., 3] -> float32 ``(x - CIFAR_MEAN) / CIFAR_STD``; jittable."""
+    return (jnp.asarray(images_u8, jnp.float32) - CIFAR_MEAN) / CIFAR_STD
+
+
+def augment_batch(key: jax.Array, images_u8: jnp.ndarray, crop: bool, flip: bool, cutout: int = 0) -> jnp.ndarray:
+    """uint8 [B, H, W, C] -> float32 normalised [B, H, W, C], per-example random augmentation.
+
+    ``crop``: pad 4 zero pixels on each side, then a random HxW window; ``flip``: horizontal flip with
+    p=0.5; ``cutout`` > 0: zero a ``cutout`` x ``cutout`` square (after normalisation) centred uniformly
+    in the image, clipped at the borders. ``crop``/``flip``/``cutout`` are static; deterministic in ``key``.
+    """
+    x = jnp.asarray(images_u8)
+    b, h, w, c = x.shape
+    k_crop, k_flip, k_cut = jax.random.split(key, 3)
+    if crop:
+        p = CROP_PADDING
+        padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * p + 1)
+        x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+    if flip:
+        flipped = jax.random.bernoulli(k_flip, 0.5, (b,))
+        x = jnp.where(flipped[:, None, None, None], x[:, :, ::-1, :], x)
+    out = normalize(x)
+    if cutout > 0:
+        centre = jax.random.randint(k_cut, (b, 2), 0, jnp.array([h, w]))
+        lo = centre - cutout // 2  # [B, 2]; rows/cols lo .. lo + cutout - 1, clipped by the image
+        rows = (jnp.arange(h)[None, :] >= lo[:, :1]) & (jnp.arange(h)[None, :] < lo[:, :1] + cutout)
+        cols = (jnp.arange(w)[None, :] >= lo[:, 1:]) & (jnp.arange(w)[None, :] < lo[:, 1:] + cutout)
+        hole = rows[:, :, None] & cols[:, None, :]  # [B, H, W]
+        out = jnp.where(hole[..., None], 0.0, out)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,201 @@
+"""The supernet: stem -> evolvable blocks (each an optional input conv and one or more mixed ops) ->
+global average pool -> linear head, described by a static, hashable :class:`NetSpec`.
+
+Two skeletons:
+
+* ``original``: the ASO-SE chain as the PyTorch code really built it. Blocks at i in {L//3, 2L//3} have
+  stride 2 and double the channels; the stride is applied twice (1x1 input conv *and* op), and there
+  is no residual. At C0=32, L=4: 937,258 weights + 40 alpha.
+* ``resnet``: one downsampling per stage (a 3x3 conv-BN-ReLU input conv at stride 2; ops at stride 1),
+  and ``y = h + sum_p scale_p * mixed_p(h)`` around every block.
+
+A block may hold several mixed-op *paths* (``n_paths``; added by branch growth), each with its own
+alpha row. Rows are ordered block by block, path by path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from asose_jax import mixed_op
+from asose_jax.ops import OP_REGISTRY, batch_norm, bn_stats_init, conv2d, conv_init
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    c_in: int
+    c_out: int
+    stride: int  # spatial downsampling of the block (1 or 2)
+    input_conv: int  # kernel size of the input conv-BN-ReLU (0 = none)
+    op_stride: int  # stride of the mixed op itself (original: = stride; resnet: 1)
+    residual: bool
+    n_paths: int = 1
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    skeleton: str
+    stem_channels: int
+    blocks: tuple[BlockSpec, ...]
+    ops: tuple[str, ...]
+    num_classes: int = 10
+    in_channels: int = 3
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of alpha: one per mixed-op path."""
+        return sum(b.n_paths for b in self.blocks)
+
+    def row_offsets(self) -> tuple[int, ...]:
+        offs, r = [], 0
+        for b in self.blocks:
+            offs.append(r)
+            r += b.n_paths
+        return tuple(offs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "NetSpec":
+        blocks = tuple(BlockSpec(**b) for b in d["blocks"])
+        return NetSpec(d["skeleton"], d["stem_channels"], blocks, tuple(d["ops"]), d["num_classes"], d["in_channels"])
+
+
+def downsample_positions(num_layers: int) -> set[int]:
+    return {num_layers // 3, (2 * num_layers) // 3}
+
+
+def build_spec(skeleton: str, init_channels: int, num_layers: int, ops, num_classes: int = 10,
+               width_mult: int = 2) -> NetSpec:
+    """The initial spec of a skeleton (see module docstring)."""
+    down = downsample_positions(num_layers)
+    blocks, c = [], init_channels
+    for i in range(num_layers):
+        stride = 2 if i in down else 1
+        c_out = c * width_mult if stride == 2 else c
+        changes = c_out != c or stride != 1
+        if skeleton == "original":
+            blocks.append(BlockSpec(c, c_out, stride, 1 if changes else 0, stride, residual=False))
+        elif skeleton == "resnet":
+            blocks.append(BlockSpec(c, c_out, stride, 3 if changes else 0, 1, residual=True))
+        else:
+            raise ValueError(f"unknown skeleton {skeleton!r}")
+        c = c_out
+    return NetSpec(skeleton, init_channels, tuple(blocks), tuple(ops), num_classes)
+
+
+def uses_path_scale(block: BlockSpec) -> bool:
+    return block.residual or block.n_paths > 1
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+def init_path(key: jax.Array, ops, c: int, stride: int) -> tuple[dict, dict]:
+    """Params and BN stats of one mixed op: ``{op_name: ...}``."""
+    params, stats = {}, {}
+    for name, k in zip(ops, jax.random.split(key, len(ops))):
+        params[name], stats[name] = OP_REGISTRY[name].init(k, c, stride)
+    return params, stats
+
+
+def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec) -> tuple[dict, dict]:
+    k_in, k_paths = jax.random.split(key)
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    if block.input_conv:
+        k = block.input_conv
+        params["input_conv"] = {"w": conv_init(k_in, k, k, block.c_in, block.c_out),
+                                "scale": jnp.ones((block.c_out,)), "bias": jnp.zeros((block.c_out,))}
+        stats["input_conv"] = bn_stats_init(block.c_out)
+    paths = [init_path(k, spec.ops, block.c_out, block.op_stride) for k in jax.random.split(k_paths, block.n_paths)]
+    params["paths"] = [p for p, _ in paths]
+    stats["paths"] = [s for _, s in paths]
+    if uses_path_scale(block):
+        params["path_scale"] = jnp.ones((block.n_paths,), jnp.float32)
+    return params, stats
+
+
+def init_network(key: jax.Array, spec: NetSpec) -> tuple[dict, dict]:
+    """Weights and BN running statistics of the whole supernet."""
+    k_stem, k_blocks, k_head_w, k_head_b = jax.random.split(key, 4)
+    c0, c_last = spec.stem_channels, spec.blocks[-1].c_out
+    params = {"stem": {"w": conv_init(k_stem, 3, 3, spec.in_channels, c0),
+                       "scale": jnp.ones((c0,)), "bias": jnp.zeros((c0,))}}
+    stats = {"stem": bn_stats_init(c0)}
+    blocks = [init_block(k, spec, b) for k, b in zip(jax.random.split(k_blocks, len(spec.blocks)), spec.blocks)]
+    params["blocks"] = [p for p, _ in blocks]
+    stats["blocks"] = [s for _, s in blocks]
+    bound = 1.0 / math.sqrt(c_last)
+    params["head"] = {"w": jax.random.uniform(k_head_w, (c_last, spec.num_classes), jnp.float32, -bound, bound),
+                      "b": jax.random.uniform(k_head_b, (spec.num_classes,), jnp.float32, -bound, bound)}
+    return params, stats
+
+
+def count_params(tree) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+# ---------------------------------------------------------------------------------------------- apply
+
+def conv_bn_relu(p: dict, s: dict, x: jax.Array, stride: int, train: bool) -> tuple[jax.Array, dict]:
+    k = p["w"].shape[0]
+    y = conv2d(x, p["w"], (stride, stride), ((k // 2, k // 2), (k // 2, k // 2)))
+    y, s = batch_norm(y, s, train, p["scale"], p["bias"])
+    return jax.nn.relu(y), s
+
+
+def apply_block(spec: NetSpec, block: BlockSpec, params: dict, stats: dict, x: jax.Array, sels: list,
+                mode: str, train: bool) -> tuple[jax.Array, dict]:
+    """One block; ``sels`` holds one mixed-op selection per path."""
+    new_stats: dict[str, Any] = {}
+    h = x
+    if block.input_conv:
+        h, new_stats["input_conv"] = conv_bn_relu(params["input_conv"], stats["input_conv"], x, block.stride, train)
+    y = h if block.residual else None
+    path_stats = []
+    for p in range(block.n_paths):
+        out, s = mixed_op.apply(spec.ops, block.op_stride, params["paths"][p], stats["paths"][p], h, sels[p], mode, train)
+        path_stats.append(s)
+        if "path_scale" in params:
+            out = params["path_scale"][p].astype(out.dtype) * out
+        y = out if y is None else y + out
+    new_stats["paths"] = path_stats
+    return y, new_stats
+
+
+def apply_network(spec: NetSpec, params: dict, stats: dict, x: jax.Array, selection: dict, mode: str,
+                  train: bool, remat: bool = False, dtype=jnp.float32) -> tuple[jax.Array, dict]:
+    """Logits ``[N, classes]`` (float32) and updated BN stats for images ``x`` ``[N, H, W, 3]``.
+
+    ``selection`` is a mixed-op selection with a leading rows axis (``mixed_op.select_rows``)."""
+    x = x.astype(dtype)
+    h, stem_stats = conv_bn_relu(params["stem"], stats["stem"], x, 1, train)
+    new_stats = {"stem": stem_stats, "blocks": []}
+    for b, (block, off) in enumerate(zip(spec.blocks, spec.row_offsets())):
+        sels = [jax.tree.map(lambda a, r=off + p: a[r], selection) for p in range(block.n_paths)]
+
+        def run(prm, st, inp, sl, block=block):
+            return apply_block(spec, block, prm, st, inp, sl, mode, train)
+        if remat:
+            run = jax.checkpoint(run)
+        h, s = run(params["blocks"][b], stats["blocks"][b], h, sels)
+        new_stats["blocks"].append(s)
+    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+    logits = pooled @ params["head"]["w"] + params["head"]["b"]
+    return logits, new_stats
+
+
+def network_flops(spec: NetSpec, params, stats, selection, mode: str, batch: int = 1) -> float:
+    """XLA's flop count of one forward pass (``cost_analysis``), for documentation and tests."""
+    x = jnp.zeros((batch, 32, 32, spec.in_channels), jnp.float32)
+    fn = jax.jit(lambda p, s, sel, a: apply_network(spec, p, s, a, sel, mode, train=False)[0])
+    cost = fn.lower(params, stats, selection, x).compile().cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))

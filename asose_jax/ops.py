@@ -1,0 +1,243 @@
+"""The primitive registry: pure ``init``/``apply`` pairs over NHWC activations.
+
+Every op maps ``[N, H, W, C] -> [N, H/s, W/s, C]`` (stride ``s`` in {1, 2}), keeps the channel count,
+uses bias-free convolutions and non-affine BatchNorm, exactly as the original's PRIMITIVES (same
+order). ``conv_3x3`` is our deliberate addition (ReLU, full 3x3 conv, BN); it is not in ``PRIMITIVES``.
+
+Parameters are plain dicts of arrays (``params``) with a parallel dict of BatchNorm running statistics
+(``stats``). Weights are stored in float32; ``apply`` computes in ``x.dtype`` (bf16 or fp32). Init
+follows PyTorch's defaults (kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))) so the
+PyTorch baseline and this port start from the same distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Params = dict[str, Any]
+Stats = dict[str, Any]
+
+PRIMITIVES: tuple[str, ...] = (
+    "none", "avg_pool_3x3", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+    "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7",
+)
+BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
+BN_EPS = 1e-5
+
+# Depthwise formulation: "lax" (grouped conv), "shift" (k*k shifted multiply-adds that XLA fuses) or
+# "auto" (shift where XLA's grouped conv is slow on GPU: dilation > 1, or 7x7 in fp32; see docs/benchmarks.md).
+DEPTHWISE_IMPL = {"impl": "auto"}
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+
+def conv_init(key: jax.Array, kh: int, kw: int, cin: int, cout: int) -> jax.Array:
+    """HWIO weight ``[kh, kw, cin, cout]``, PyTorch default init (fan_in = kh*kw*cin)."""
+    bound = 1.0 / jnp.sqrt(kh * kw * cin)
+    return jax.random.uniform(key, (kh, kw, cin, cout), jnp.float32, -bound, bound)
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1):
+    """NHWC x HWIO convolution in ``x.dtype``."""
+    return lax.conv_general_dilated(
+        x, w.astype(x.dtype), window_strides=stride, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _use_shift(k: int, dilation: int, dtype) -> bool:
+    impl = DEPTHWISE_IMPL["impl"]
+    if impl != "auto":
+        return impl == "shift"
+    return dilation > 1 or (k >= 7 and dtype == jnp.float32)
+
+
+def depthwise_conv(x: jax.Array, w: jax.Array, stride: int, dilation: int = 1) -> jax.Array:
+    """Depthwise k x k conv, 'same'-style padding ``dilation*(k//2)``. ``w``: ``[k, k, 1, C]``."""
+    k = w.shape[0]
+    pad = dilation * (k // 2)
+    if not _use_shift(k, dilation, x.dtype):
+        return conv2d(x, w, (stride, stride), ((pad, pad), (pad, pad)), (dilation, dilation), groups=x.shape[-1])
+    n, h, wd, c = x.shape
+    ho = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    wo = (wd + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    wk = w[:, :, 0, :].astype(x.dtype)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            start = (0, i * dilation, j * dilation, 0)
+            limit = (n, i * dilation + (ho - 1) * stride + 1, j * dilation + (wo - 1) * stride + 1, c)
+            term = lax.slice(xp, start, limit, (1, stride, stride, 1)) * wk[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+def bn_stats_init(c: int) -> Stats:
+    return {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+
+
+def batch_norm(x: jax.Array, stats: Stats, train: bool, scale=None, bias=None) -> tuple[jax.Array, Stats]:
+    """BatchNorm over N, H, W with PyTorch semantics (biased variance to normalise, unbiased for the
+    running estimate). Statistics in float32; output in ``x.dtype``."""
+    x32 = x.astype(jnp.float32)
+    if train:
+        mean = jnp.mean(x32, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        unbiased = var * (n / max(n - 1, 1))
+        m = BN_MOMENTUM
+        new_stats = {"mean": (1 - m) * stats["mean"] + m * lax.stop_gradient(mean),
+                     "var": (1 - m) * stats["var"] + m * lax.stop_gradient(unbiased)}
+    else:
+        mean, var, new_stats = stats["mean"], stats["var"], stats
+    y = (x32 - mean) * lax.rsqrt(var + BN_EPS)
+    if scale is not None:
+        y = y * scale + bias
+    return y.astype(x.dtype), new_stats
+
+
+def _pool_out(h: int, stride: int) -> int:
+    return (h + 2 - 3) // stride + 1
+
+
+def avg_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+    """3x3 average pool, pad 1, count_include_pad=False."""
+    pads = ((0, 0), (1, 1), (1, 1), (0, 0))
+    dims, strides = (1, 3, 3, 1), (1, stride, stride, 1)
+    total = lax.reduce_window(x.astype(jnp.float32), 0.0, lax.add, dims, strides, pads)
+    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), jnp.float32)
+    count = lax.reduce_window(ones, 0.0, lax.add, dims, strides, pads)
+    return (total / count).astype(x.dtype)
+
+
+def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+    pads = ((0, 0), (1, 1), (1, 1), (0, 0))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pads)
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+
+@dataclass(frozen=True)
+class OpDef:
+    """``init(key, C, stride) -> (params, stats)``; ``apply(params, stats, x, stride, train) -> (y, stats)``."""
+    name: str
+    init: Callable[[jax.Array, int, int], tuple[Params, Stats]]
+    apply: Callable[..., tuple[jax.Array, Stats]]
+
+
+def _none_init(key, c, stride):
+    return {}, {}
+
+
+def _none_apply(p, s, x, stride, train):
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    return jnp.zeros_like(x), s
+
+
+def _pool_init(key, c, stride):
+    return {}, {"bn": bn_stats_init(c)}
+
+
+def _pool_apply(pool):
+    def apply(p, s, x, stride, train):
+        y, bn = batch_norm(pool(x, stride), s["bn"], train)
+        return y, {"bn": bn}
+    return apply
+
+
+def _skip_init(key, c, stride):
+    if stride == 1:
+        return {}, {}
+    c1 = c // 2  # odd C: the second conv takes the extra channel
+    k1, k2 = jax.random.split(key)
+    return {"conv1": conv_init(k1, 1, 1, c, c1), "conv2": conv_init(k2, 1, 1, c, c - c1)}, {"bn": bn_stats_init(c)}
+
+
+def _skip_apply(p, s, x, stride, train):
+    """Identity, or at stride 2 the FactorizedReduce (ReLU, two 1x1 stride-2 convs, one on x shifted)."""
+    if stride == 1:
+        return x, s
+    x = jax.nn.relu(x)
+    st = (stride, stride)
+    a = conv2d(x, p["conv1"], st)
+    b = conv2d(x[:, 1:, 1:, :], p["conv2"], st)
+    y, bn = batch_norm(jnp.concatenate([a, b], axis=-1), s["bn"], train)
+    return y, {"bn": bn}
+
+
+def _sep_init(k):
+    def init(key, c, stride):
+        ks = jax.random.split(key, 4)
+        params = {"dw1": conv_init(ks[0], k, k, 1, c), "pw1": conv_init(ks[1], 1, 1, c, c),
+                  "dw2": conv_init(ks[2], k, k, 1, c), "pw2": conv_init(ks[3], 1, 1, c, c)}
+        return params, {"bn1": bn_stats_init(c), "bn2": bn_stats_init(c)}
+    return init
+
+
+def _sep_apply(p, s, x, stride, train):
+    """DARTS SepConv: [ReLU, dw k x k (stride s), pw 1x1, BN], then the same at stride 1."""
+    y = conv2d(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
+    y, bn1 = batch_norm(y, s["bn1"], train)
+    y = conv2d(depthwise_conv(jax.nn.relu(y), p["dw2"], 1), p["pw2"])
+    y, bn2 = batch_norm(y, s["bn2"], train)
+    return y, {"bn1": bn1, "bn2": bn2}
+
+
+def _dil_init(k):
+    def init(key, c, stride):
+        k1, k2 = jax.random.split(key)
+        return {"dw": conv_init(k1, k, k, 1, c), "pw": conv_init(k2, 1, 1, c, c)}, {"bn": bn_stats_init(c)}
+    return init
+
+
+def _dil_apply(p, s, x, stride, train):
+    """ReLU, depthwise k x k with dilation 2 (stride s), pointwise 1x1, BN."""
+    y = conv2d(depthwise_conv(jax.nn.relu(x), p["dw"], stride, dilation=2), p["pw"])
+    y, bn = batch_norm(y, s["bn"], train)
+    return y, {"bn": bn}
+
+
+def _conv71_init(key, c, stride):
+    k1, k2 = jax.random.split(key)
+    return {"conv1x7": conv_init(k1, 1, 7, c, c), "conv7x1": conv_init(k2, 7, 1, c, c)}, {"bn": bn_stats_init(c)}
+
+
+def _conv71_apply(p, s, x, stride, train):
+    """ReLU, full 1x7 conv (stride (1, s)), full 7x1 conv (stride (s, 1)), BN."""
+    y = conv2d(jax.nn.relu(x), p["conv1x7"], (1, stride), ((0, 0), (3, 3)))
+    y = conv2d(y, p["conv7x1"], (stride, 1), ((3, 3), (0, 0)))
+    y, bn = batch_norm(y, s["bn"], train)
+    return y, {"bn": bn}
+
+
+def _conv3_init(key, c, stride):
+    return {"conv": conv_init(key, 3, 3, c, c)}, {"bn": bn_stats_init(c)}
+
+
+def _conv3_apply(p, s, x, stride, train):
+    """ReLU, full 3x3 conv (stride s, pad 1), BN. An addition to the original's 10 primitives."""
+    y = conv2d(jax.nn.relu(x), p["conv"], (stride, stride), ((1, 1), (1, 1)))
+    y, bn = batch_norm(y, s["bn"], train)
+    return y, {"bn": bn}
+
+
+OP_REGISTRY: dict[str, OpDef] = {
+    "none": OpDef("none", _none_init, _none_apply),
+    "avg_pool_3x3": OpDef("avg_pool_3x3", _pool_init, _pool_apply(avg_pool_3x3)),
+    "max_pool_3x3": OpDef("max_pool_3x3", _pool_init, _pool_apply(max_pool_3x3)),
+    "skip_connect": OpDef("skip_connect", _skip_init, _skip_apply),
+    "sep_conv_3x3": OpDef("sep_conv_3x3", _sep_init(3), _sep_apply),
+    "sep_conv_5x5": OpDef("sep_conv_5x5", _sep_init(5), _sep_apply),
+    "sep_conv_7x7": OpDef("sep_conv_7x7", _sep_init(7), _sep_apply),
+    "dil_conv_3x3": OpDef("dil_conv_3x3", _dil_init(3), _dil_apply),
+    "dil_conv_5x5": OpDef("dil_conv_5x5", _dil_init(5), _dil_apply),
+    "conv_7x1_1x7": OpDef("conv_7x1_1x7", _conv71_init, _conv71_apply),
+    "conv_3x3": OpDef("conv_3x3", _conv3_init, _conv3_apply),
+}
+
+PARAMETER_FREE = ("none", "avg_pool_3x3", "max_pool_3x3", "skip_connect")

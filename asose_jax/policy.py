@@ -1,0 +1,56 @@
+"""When to grow and how: the original's policy, driven by arch-val accuracy (never test) and the run's
+seeded key, so a run is reproducible.
+
+* forced: ``growth.every`` cycles since the last growth (the first at cycle ``every``);
+* stagnation: the last ``stagnation_cycles`` cycle-end arch-val accuracies span < ``stagnation_range``
+  points, and at least 2 cycles since the last growth.
+
+Strategy ``original``: a uniform draw from a list that depends on accuracy (< 50 %: 3x deepen while
+depth < 8, 2x widen; < 80 %: 2x deepen while depth < 12, 2x widen; else 3x widen, 1x deepen while
+depth < 15), deepen dropped above ``depth_param_cap`` weights, and one ``branch`` entry when branch is
+enabled. Strategy ``cycle``: the enabled kinds in turn (tests and demos).
+"""
+from __future__ import annotations
+
+import jax
+
+from asose_jax.config import Config
+from asose_jax.model import NetSpec, count_params
+
+
+def should_grow(cfg: Config, cycle: int, accs: list[float], last_growth_cycle: int) -> bool:
+    g = cfg.growth
+    since = cycle - last_growth_cycle if last_growth_cycle else cycle
+    if g.every and since >= g.every:
+        return True
+    w = g.stagnation_cycles
+    return bool(w and len(accs) >= w and max(accs[-w:]) - min(accs[-w:]) < g.stagnation_range and since >= 2)
+
+
+def candidates(cfg: Config, spec: NetSpec, params, acc: float) -> list[str]:
+    g, depth = cfg.growth, len(spec.blocks)
+    if acc < 50:
+        cands = ["deepen"] * 3 * (depth < min(8, g.max_depth)) + ["widen"] * 2
+    elif acc < 80:
+        cands = ["deepen"] * 2 * (depth < min(12, g.max_depth)) + ["widen"] * 2
+    else:
+        cands = ["widen"] * 3 + ["deepen"] * (depth < min(15, g.max_depth))
+    if g.depth_param_cap and count_params(params) > g.depth_param_cap:
+        cands = [c for c in cands if c != "deepen"]
+    cands += ["branch"]
+    return [c for c in cands if c in g.kinds]
+
+
+def decide(cfg: Config, spec: NetSpec, params, key: jax.Array, cycle: int, accs: list[float],
+           growth_kinds_so_far: list[str], last_growth_cycle: int) -> str | None:
+    """The kind of growth to apply at the end of this cycle's arch phase, or None."""
+    if not cfg.growth.enabled or not should_grow(cfg, cycle, accs, last_growth_cycle):
+        return None
+    if cfg.growth.strategy == "cycle":
+        kinds = [k for k in cfg.growth.kinds if k != "deepen" or len(spec.blocks) < cfg.growth.max_depth]
+        return kinds[len(growth_kinds_so_far) % len(kinds)] if kinds else None
+    acc = accs[-1] if len(accs) >= 3 else 50.0  # the original used 50 until three results exist
+    cands = candidates(cfg, spec, params, acc)
+    if not cands:
+        return None
+    return cands[int(jax.random.randint(key, (), 0, len(cands)))]

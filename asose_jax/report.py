@@ -1,0 +1,168 @@
+"""Plots (PNG) and ``summary.md`` for a workdir: alpha per layer over time and per cycle, loss and
+accuracy curves with growth events, and a diagram of the derived architecture."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PHASE_COLORS = {"warmup": "tab:gray", "weight": "tab:blue", "arch": "tab:orange", "retrain": "tab:green",
+                "final": "tab:purple"}
+
+
+def plot_alpha_over_time(alpha_history: list[dict], ops: list[str], path: Path) -> None:
+    """One panel per layer: softmax(alpha) of every op at each snapshot (arch epochs and phase ends)."""
+    if not alpha_history:
+        return
+    n_layers = max(len(h["probs"]) for h in alpha_history)
+    cols = min(4, n_layers)
+    rows = -(-n_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    colors = plt.cm.tab10(np.linspace(0, 1, len(ops)))
+    for layer in range(n_layers):
+        ax = axes[layer // cols][layer % cols]
+        xs = [i for i, h in enumerate(alpha_history) if layer < len(h["probs"])]
+        for j, op in enumerate(ops):
+            ax.plot(xs, [alpha_history[i]["probs"][layer][j] for i in xs], color=colors[j], label=op, lw=1.3)
+        ax.set_title(f"row {layer}", fontsize=9)
+        ax.set_xlabel("snapshot (arch epoch / phase end)", fontsize=8)
+    for k in range(n_layers, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].set_ylabel("softmax(alpha)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=min(5, len(ops)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_alpha_heatmaps(alpha_history: list[dict], ops: list[str], path: Path) -> None:
+    """softmax(alpha) as a rows x ops heatmap at the end of each cycle's arch phase."""
+    snaps = {}
+    for h in alpha_history:
+        if h["phase"] == "arch":
+            snaps[h["cycle"]] = h["probs"]
+    if not snaps:
+        return
+    cycles = sorted(snaps)
+    cols = min(5, len(cycles))
+    rows = -(-len(cycles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * max(len(v) for v in snaps.values()) * rows + 2),
+                             squeeze=False)
+    for k, c in enumerate(cycles):
+        ax = axes[k // cols][k % cols]
+        im = ax.imshow(np.asarray(snaps[c]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"cycle {c}", fontsize=9)
+        ax.set_xticks(range(len(ops)))
+        ax.set_xticklabels(ops, rotation=90, fontsize=6)
+        ax.set_ylabel("row", fontsize=8)
+    for k in range(len(cycles), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="softmax(alpha)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    """Training loss/accuracy per epoch coloured by phase, arch-val accuracy, growth events as lines."""
+    epochs = [r for r in metrics if r.get("event") == "epoch"]
+    if not epochs:
+        return
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(12, 4))
+    xs = np.arange(len(epochs))
+    for phase, color in PHASE_COLORS.items():
+        idx = [i for i, r in enumerate(epochs) if r["phase"] == phase]
+        if idx:
+            ax_l.scatter(xs[idx], [epochs[i]["loss"] for i in idx], s=12, color=color, label=phase)
+            ax_a.scatter(xs[idx], [epochs[i]["acc"] for i in idx], s=12, color=color, label=f"{phase} (train)")
+    ax_l.plot(xs, [r["loss"] for r in epochs], color="k", lw=0.5, alpha=0.5)
+    val = [(i, r["val_acc"]) for i, r in enumerate(epochs) if "val_acc" in r]
+    if val:
+        ax_a.plot([v[0] for v in val], [v[1] for v in val], color="k", lw=1.2, label="arch-val (inference)")
+    step_to_x = {r["step"]: i for i, r in enumerate(epochs)}
+    for r in metrics:
+        if r.get("event") == "growth":
+            x = max([i for s, i in step_to_x.items() if s <= r["step"]], default=0) + 0.5
+            for ax in (ax_l, ax_a):
+                ax.axvline(x, color="red", ls="--", lw=1)
+            ax_a.text(x, ax_a.get_ylim()[0], f" {r['kind']}", color="red", fontsize=7, rotation=90, va="bottom")
+    ax_l.set(xlabel="epoch", ylabel="loss", title="training loss per epoch")
+    ax_a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (growth events dashed)")
+    ax_l.legend(fontsize=8)
+    ax_a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_architecture(genotype: dict, path: Path) -> None:
+    """The derived chain: stem, one box per block (ops, channels, stride), head."""
+    blocks = genotype["blocks"]
+    labels = [f"stem\n3x3 conv\n{genotype['stem_channels']} ch"]
+    for b, op in zip(blocks, genotype["ops"]):
+        ops = op if isinstance(op, list) else [op]
+        labels.append("\n+ ".join(ops) + f"\n{b['c_in']}->{b['c_out']} ch, s{b['stride']}")
+    labels.append(f"GAP + linear\n{genotype['num_classes']} classes")
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(labels)), 2.4))
+    for i, text in enumerate(labels):
+        ax.add_patch(plt.Rectangle((i * 1.9, 0), 1.6, 1.4, fc="#e8eef7", ec="#34558b"))
+        ax.text(i * 1.9 + 0.8, 0.7, text, ha="center", va="center", fontsize=7)
+        if i:
+            ax.annotate("", xy=(i * 1.9, 0.7), xytext=(i * 1.9 - 0.3, 0.7), arrowprops={"arrowstyle": "->"})
+    ax.set_xlim(-0.2, len(labels) * 1.9)
+    ax.set_ylim(-0.2, 1.6)
+    ax.axis("off")
+    ax.set_title(f"derived architecture ({genotype['skeleton']} skeleton)", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_report(workdir: Path, metrics: list[dict], alpha_history: list[dict], genotype: dict, result: dict,
+                 config: dict) -> None:
+    """All plots and ``summary.md`` in ``workdir`` (plots under ``plots/``)."""
+    plots = workdir / "plots"
+    plots.mkdir(exist_ok=True)
+    ops = genotype["op_set"]
+    plot_alpha_over_time(alpha_history, ops, plots / "alpha_over_time.png")
+    plot_alpha_heatmaps(alpha_history, ops, plots / "alpha_heatmaps.png")
+    plot_curves(metrics, plots / "curves.png")
+    plot_architecture(genotype, plots / "architecture.png")
+    growths = [r for r in metrics if r.get("event") == "growth"]
+    phase_wall: dict[str, float] = {}
+    prev = 0.0
+    for r in metrics:
+        if "wall_s" in r:
+            key = r.get("phase") or r.get("event")
+            phase_wall[key] = phase_wall.get(key, 0.0) + r["wall_s"] - prev
+            prev = r["wall_s"]
+    lines = [f"# Search summary: `{workdir.name}`", "",
+             f"- device: {result.get('device', '?')}",
+             f"- arch-val accuracy (inference, argmax ops): **{result['arch_val_acc']:.2f} %**",
+             f"- test accuracy of the supernet's argmax architecture (reporting only): **{result['test_acc']:.2f} %**",
+             f"- weights: {result['params']:,}; blocks: {result['layers']}; steps: {result['steps']}",
+             f"- search wall time: {result.get('wall_s', 0.0):.1f} s", ""]
+    if "final" in result:
+        f = result["final"]
+        lines += ["## Final training of the derived network", "",
+                  f"- test accuracy: **{f['test_acc']:.2f} %** (flip-TTA: {f['test_acc_tta']:.2f} %)",
+                  f"- epochs: {f['epochs']}, wall: {f['wall_s']:.1f} s, weights: {f['params']:,}", ""]
+    lines += ["## Genotype", "", "| block | op | channels | stride |", "|---|---|---|---|"]
+    for i, (b, op) in enumerate(zip(genotype["blocks"], genotype["ops"])):
+        lines.append(f"| {i} | {op if isinstance(op, str) else ' + '.join(op)} | {b['c_in']}->{b['c_out']} | {b['stride']} |")
+    lines += ["", "## Time per phase (s)", "", "| phase | wall s |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in phase_wall.items()]
+    if growths:
+        lines += ["", "## Growth timeline", "", "| cycle | kind | position | params before | after | max abs logit diff |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {g['cycle']} | {g['kind']} | {g['position']} | {g['params_before']:,} | {g['params_after']:,} | "
+                  f"{g['max_abs_logit_diff']:.2e} |" for g in growths]
+    lines += ["", "## Plots", "", "![alpha over time](plots/alpha_over_time.png)", "",
+              "![alpha per cycle](plots/alpha_heatmaps.png)", "", "![curves](plots/curves.png)", "",
+              "![architecture](plots/architecture.png)", "",
+              "Files: `genotype.json`, `metrics.jsonl` (one JSON object per line), `config.json`, `checkpoints/`.", ""]
+    (workdir / "summary.md").write_text("\n".join(lines))
+    (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
