@@ -1,0 +1,537 @@
+"""Function-preserving network growth: pure transforms ``(spec, state) -> (spec', state')``.
+
+Every transform returns a new :class:`~asose_jax.model.NetSpec` and a new
+:class:`~asose_jax.steps.TrainState` whose network computes the *same logits* as before:
+
+* always in inference mode (``train=False``, BN running statistics) with the ``argmax`` selection
+  (``mixed_op.select_rows(alpha, 'argmax')``), the evaluation mode of the search;
+* for ``widen`` and ``branch`` in every mixed-op mode given the same selection of the untouched rows,
+  and for ``deepen`` on the ``resnet`` skeleton likewise (the new block is scaled by 0); ``deepen`` on
+  ``original`` is exact only in ``argmax`` mode (its new row has ``skip_connect`` as argmax).
+
+(Stochastic training modes draw one Gumbel sample per alpha row from ``split(key, rows)``; with a
+different row count the samples differ, so "every mode" means: for a given selection.)
+
+What is carried over, and how:
+
+* weights and BN running statistics of everything that exists before are kept (``widen`` maps them
+  through its channel map, see :func:`widen`); new weights come from ``model.init_block`` /
+  ``model.init_path``, new BN statistics are the initial ones (mean 0, var 1);
+* alpha rows of unchanged blocks and paths are carried and stay aligned with their blocks;
+* optimizer states: every sub-tree of an optax state shaped like the parameters (SGD ``trace``, Adam
+  ``mu``/``nu``) goes through *the same* transform as the parameters, with zeros for the new leaves
+  (widened weights: their momentum is widened exactly like the weight, replica division included);
+  scalar leaves (the ``count`` of Adam and of the LR schedule) are copied, so the LR schedule position
+  and Adam's bias correction are kept. Any other leaf raises: nothing is reset silently.
+* ``key``, ``step``, ``arch_epochs`` (tau), ``cycle``, ``phase`` and ``sums`` are unchanged.
+
+Transforms never modify their inputs (new dicts/lists/arrays throughout); inputs may be host (numpy)
+or device arrays; outputs are jax arrays in the input dtypes (float32 weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asose_jax import mixed_op
+from asose_jax.model import (BlockSpec, NetSpec, apply_network, count_params, init_block, init_path,
+                             uses_path_scale)
+
+KINDS = ("deepen", "widen", "branch")
+NEW_ROW_SCALE = 0.1  # new alpha rows ~ NEW_ROW_SCALE * N(0, 1)
+
+Transfer = Callable[[Any, Any], Any]
+"""``transfer(old_tree, new_parts) -> new_tree``: maps a tree shaped like the *old* parameters to one
+shaped like the *new* parameters; ``new_parts`` supplies the values of the new leaves (fresh weights
+for the parameters themselves, zeros for optimizer moments)."""
+
+
+# ---------------------------------------------------------------------------------------------- optimizer state
+
+def _leaf_shapes(tree) -> list[tuple[int, ...]]:
+    return [tuple(np.shape(x)) for x in jax.tree.leaves(tree)]
+
+
+def _is_params_like(node, params) -> bool:
+    """Whether ``node`` has exactly the tree structure and leaf shapes of ``params``."""
+    if node is None:
+        return False
+    try:
+        if jax.tree.structure(node) != jax.tree.structure(params):
+            return False
+    except Exception:  # noqa: BLE001 - not a pytree we can compare
+        return False
+    return _leaf_shapes(node) == _leaf_shapes(params)
+
+
+def transfer_opt_state(opt_state, old_params, transfer: Transfer, new_parts=None, *, tx=None, new_params=None):
+    """Carry an optax state over a parameter transform.
+
+    Walks ``opt_state`` (NamedTuples, tuples, lists, dicts): every sub-tree with the structure and leaf
+    shapes of ``old_params`` (SGD ``trace``, Adam ``mu``/``nu``, ...) becomes
+    ``transfer(sub_tree, zeros_like(new_parts))`` -- the same map the parameters went through, zeros
+    for the new leaves; scalar leaves (``count``) are copied; any other array leaf raises ``ValueError``.
+
+    With ``tx`` (and ``new_params``) the result is checked against ``tx.init(new_params)``: same tree
+    structure and leaf shapes, or ``ValueError``.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, new_parts)
+
+    def walk(node):
+        if _is_params_like(node, old_params):
+            return transfer(node, zeros)
+        if node is None:
+            return None
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # NamedTuple optax states
+            return type(node)(*(walk(c) for c in node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(walk(c) for c in node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if hasattr(node, "shape") and np.ndim(node) == 0:  # count, scalar hyper-parameters
+            return node
+        raise ValueError(f"cannot carry optimizer-state leaf {type(node).__name__} shape {np.shape(node)} "
+                         "over the growth transform (not parameter-shaped and not a scalar)")
+
+    out = walk(opt_state)
+    if tx is not None:
+        if new_params is None:
+            raise ValueError("transfer_opt_state: tx given without new_params")
+        template = tx.init(new_params)
+        if jax.tree.structure(out) != jax.tree.structure(template) or _leaf_shapes(out) != _leaf_shapes(template):
+            raise ValueError("transferred optimizer state does not match tx.init(new_params)")
+    return out
+
+
+def _rows_transfer(row_map: list[int | None]) -> Transfer:
+    """Alpha-shaped transfer: new row ``r`` = old row ``row_map[r]``, or the next row of ``new_parts``
+    (``[n_new, ops]``) where ``row_map[r]`` is None."""
+    def transfer(old, new_rows):
+        old = jnp.asarray(old)
+        rows, j = [], 0
+        for i in row_map:
+            if i is None:
+                rows.append(jnp.asarray(new_rows[j], old.dtype))
+                j += 1
+            else:
+                rows.append(old[i])
+        return jnp.stack(rows)
+    return transfer
+
+
+def _finish(state, spec: NetSpec, params, stats, alpha, w_transfer: Transfer, w_new, a_transfer: Transfer, a_new):
+    """The new TrainState: weights/alpha already transformed; optimizer states carried."""
+    w_opt = transfer_opt_state(state.w_opt, state.params, w_transfer, w_new)
+    a_opt = transfer_opt_state(state.a_opt, state.alpha, a_transfer, a_new)
+    if alpha.shape != (spec.num_rows, len(spec.ops)):
+        raise AssertionError(f"alpha {alpha.shape} does not match the spec ({spec.num_rows}, {len(spec.ops)})")
+    return state.replace(params=params, batch_stats=stats, alpha=alpha, w_opt=w_opt, a_opt=a_opt)
+
+
+# ---------------------------------------------------------------------------------------------- structure
+
+def channels_at(spec: NetSpec, position: int) -> int:
+    """Channels of the activation entering block ``position`` (``len(blocks)``: entering the head)."""
+    return spec.stem_channels if position == 0 else spec.blocks[position - 1].c_out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A maximal run of layers at one channel count.
+
+    ``producer``: -1 for the stem, else the block whose input conv creates the width; ``blocks``: the
+    blocks whose mixed ops run at this width (the producer block included); ``consumer``: the block
+    whose input conv reads the stage output, or None for the head."""
+    index: int
+    producer: int
+    blocks: tuple[int, ...]
+    channels: int
+    consumer: int | None
+
+
+def stages(spec: NetSpec) -> list[Stage]:
+    out: list[Stage] = []
+    producer, members, c = -1, [], spec.stem_channels
+    for i, b in enumerate(spec.blocks):
+        if b.input_conv:
+            out.append(Stage(len(out), producer, tuple(members), c, i))
+            producer, members, c = i, [i], b.c_out
+        else:
+            if b.c_in != c or b.c_out != c:
+                raise ValueError(f"block {i} has no input conv but maps {b.c_in} -> {b.c_out} channels (stage width {c})")
+            members.append(i)
+    out.append(Stage(len(out), producer, tuple(members), c, None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- deepen
+
+def _skip_row(alpha: jax.Array, ops: tuple[str, ...]) -> jax.Array:
+    """Every entry = mean(alpha), ``skip_connect`` = max(alpha) + 1: skip is the argmax by >= 1 logit."""
+    a = jnp.asarray(alpha, jnp.float32)
+    row = jnp.full((len(ops),), jnp.mean(a) if a.size else 0.0, jnp.float32)
+    return row.at[ops.index("skip_connect")].set((jnp.max(a) if a.size else 0.0) + 1.0)
+
+
+def deepen(spec: NetSpec, state, position: int, key: jax.Array):
+    """Insert a new block at index ``position`` (0..len(blocks)) that computes the identity.
+
+    The block has ``c_in = c_out = channels_at(spec, position)``, stride 1, no input conv, one path,
+    weights from ``model.init_block`` (BN stats initial).
+
+    * ``resnet``: a normal residual block whose ``path_scale`` is 0: ``y = h + 0 * mixed(h) = h``, exact in
+      every mode; its alpha row is ``0.1 * N(0, 1)``.
+    * ``original`` (no residual): the alpha row has every entry ``mean(alpha)`` and ``skip_connect`` at
+      ``max(alpha) + 1``, so argmax selects ``skip_connect``, which is the exact identity at stride 1.
+      Raises ``ValueError`` if the op set lacks ``skip_connect``.
+
+    The row is inserted where the block's rows go (block order), momentum and Adam moments of the new
+    block/row are zero.
+    """
+    position = int(position)
+    if not 0 <= position <= len(spec.blocks):
+        raise ValueError(f"deepen position {position} outside 0..{len(spec.blocks)}")
+    if spec.skeleton == "resnet":
+        residual = True
+    elif spec.skeleton == "original":
+        residual = False
+        if "skip_connect" not in spec.ops:
+            raise ValueError("deepen on the 'original' skeleton needs 'skip_connect' in the op set "
+                             f"(ops: {', '.join(spec.ops)})")
+    else:
+        raise ValueError(f"unknown skeleton {spec.skeleton!r}")
+    c = channels_at(spec, position)
+    block = BlockSpec(c, c, 1, 0, 1, residual=residual, n_paths=1)
+    new_spec = dataclasses.replace(spec, blocks=spec.blocks[:position] + (block,) + spec.blocks[position:])
+    k_w, k_a = jax.random.split(key)
+    bp, bs = init_block(k_w, new_spec, block)
+    if "path_scale" in bp:
+        bp["path_scale"] = jnp.zeros_like(bp["path_scale"])
+    if residual:
+        new_row = NEW_ROW_SCALE * jax.random.normal(k_a, (len(spec.ops),), jnp.float32)
+    else:
+        new_row = _skip_row(state.alpha, spec.ops)
+
+    def w_transfer(tree, new_block):
+        blocks = list(tree["blocks"])
+        blocks.insert(position, new_block)
+        return {**tree, "blocks": blocks}
+
+    old_offs = spec.row_offsets() + (spec.num_rows,)
+    r = old_offs[position]
+    row_map = list(range(r)) + [None] + list(range(r, spec.num_rows))
+    a_transfer = _rows_transfer(row_map)
+    params = w_transfer(state.params, bp)
+    stats = w_transfer(state.batch_stats, bs)
+    alpha = a_transfer(state.alpha, new_row[None])
+    return new_spec, _finish(state, new_spec, params, stats, alpha, w_transfer, bp, a_transfer, new_row[None])
+
+
+# ---------------------------------------------------------------------------------------------- widen
+
+def widen_mapping(c: int, c_new: int, key: jax.Array) -> np.ndarray:
+    """Net2Wider channel map ``g``: new channel -> old channel (host int array ``[c_new]``).
+
+    Grouped for FactorizedReduce (whose output is ``concat(conv1 -> first c//2, conv2 -> the rest)``):
+    new channels ``[0, c_new//2)`` map to old ``[0, c//2)`` (first the old ones in order, then random
+    replicas of them) and ``[c_new//2, c_new)`` to old ``[c//2, c)`` likewise. Every old channel appears
+    at least once. Deterministic in ``key``."""
+    if c < 2 or c_new < c:
+        raise ValueError(f"cannot widen {c} -> {c_new} channels (need 2 <= c <= c_new)")
+    h, h_new = c // 2, c_new // 2
+    seed = np.asarray(jax.random.randint(key, (2,), 0, np.iinfo(np.int32).max))  # one shape: compiled once
+    rng = np.random.default_rng([int(v) for v in seed])
+    extra_a = rng.integers(0, h, h_new - h)
+    extra_b = rng.integers(h, c, (c_new - h_new) - (c - h))
+    return np.concatenate([np.arange(h), extra_a, np.arange(h, c), extra_b]).astype(np.int32)
+
+
+def widened_channels(c: int, factor: float) -> int:
+    """``ceil(c * factor)`` (rounded to 6 decimals first so 10 * 1.1 gives 11), at least ``c + 1``."""
+    if not factor > 1.0:
+        raise ValueError(f"widen factor must be > 1, got {factor}")
+    return max(c + 1, math.ceil(round(c * factor, 6)))
+
+
+_DEPTHWISE = ("dw", "dw1", "dw2")  # [k, k, 1, C]: per channel
+_FULL = ("pw", "pw1", "pw2", "conv1x7", "conv7x1", "conv")  # [kh, kw, C, C]: full convs
+
+
+class _Widener:
+    """The index maps of one Net2Wider step (``g``: new -> old channel, ``cnt``: replicas per old)."""
+
+    def __init__(self, c: int, g: np.ndarray):
+        self.c, self.g = c, np.asarray(g)
+        self.c_new, self.h, self.h_new = len(g), c // 2, len(g) // 2
+        cnt = np.bincount(self.g, minlength=c)
+        if len(cnt) != c or np.any(cnt == 0):
+            raise ValueError("widen map must hit every old channel")
+        self.div = np.asarray(cnt[self.g], np.float32)  # replica count of each new channel's source
+
+    def _check(self, w, axis: int, size: int, what: str):
+        if np.shape(w)[axis] != size:
+            raise ValueError(f"widen: {what} has shape {np.shape(w)}, expected {size} on axis {axis}")
+
+    def out(self, w, what="vector"):
+        """Output channels (last axis) by g: conv output columns, BN scale/bias/mean/var, depthwise."""
+        self._check(w, -1, self.c, what)
+        return jnp.take(jnp.asarray(w), self.g, axis=-1)
+
+    def inp(self, w, axis: int, what="weight"):
+        """Input channels on ``axis`` by g, divided by the replica count (consumers of the stage)."""
+        self._check(w, axis, self.c, what)
+        w = jnp.take(jnp.asarray(w), self.g, axis=axis)
+        shape = [1] * w.ndim
+        shape[axis] = self.c_new
+        return w / jnp.asarray(self.div.reshape(shape), w.dtype)
+
+    def full(self, w, what="conv"):
+        """A C -> C conv inside the stage: in by g / cnt, out by g."""
+        return self.out(self.inp(w, 2, what), what)
+
+    def fr(self, w, which: str):
+        """FactorizedReduce conv1 (-> old [0, c//2)) or conv2 (-> old [c//2, c)) of a stride-2 skip."""
+        w = self.inp(w, 2, f"skip_connect.{which}")
+        if which == "conv1":
+            self._check(w, -1, self.h, which)
+            cols = self.g[:self.h_new]
+        else:
+            self._check(w, -1, self.c - self.h, which)
+            cols = self.g[self.h_new:] - self.h
+        return jnp.take(w, cols, axis=-1)
+
+    def op_params(self, op: str, p: dict) -> dict:
+        new = {}
+        for name, w in p.items():
+            if op == "skip_connect" and name in ("conv1", "conv2"):
+                new[name] = self.fr(w, name)
+            elif name in _DEPTHWISE:
+                self._check(w, 2, 1, f"{op}.{name}")
+                new[name] = self.out(w, f"{op}.{name}")
+            elif name in _FULL:
+                new[name] = self.full(w, f"{op}.{name}")
+            else:
+                raise ValueError(f"widen: no channel rule for parameter {op}.{name}")
+        return new
+
+    def stats(self, tree):
+        """Per-channel BN statistics (any nesting) by g."""
+        return jax.tree.map(lambda v: self.out(v, "bn stats"), tree)
+
+    def conv_bn_out(self, p: dict) -> dict:
+        """A producer conv-BN(affine): output columns and scale/bias by g."""
+        return {**p, "w": self.out(p["w"], "producer conv"), "scale": self.out(p["scale"], "bn scale"),
+                "bias": self.out(p["bias"], "bn bias")}
+
+
+def widen(spec: NetSpec, state, stage: int, factor: float, key: jax.Array):
+    """Net2Wider on stage ``stage`` (see :func:`stages`): its width C becomes ``C' = ceil(C * factor)``.
+
+    ``g = widen_mapping(C, C', key)`` (new -> old channel, grouped for FactorizedReduce), ``cnt(i)`` = the
+    number of new channels copying old channel ``i``. The same ``g`` is used for every layer of the stage
+    (the ops' outputs are summed, and in ``resnet`` added to the replicated input):
+
+    * producer (stem, or the input conv of the stage's first block): conv output columns and the affine
+      BN's scale/bias/running mean/var copied by g;
+    * inside the ops: per-channel things (depthwise filters, non-affine BN statistics) copied by g;
+      full convs (pointwise, 1x7/7x1, 3x3) ``W'[.., a, b] = W[.., g(a), g(b)] / cnt(g(a))``;
+      FactorizedReduce ``conv1'[.., a, j] = conv1[.., g(a), g(j)] / cnt(g(a))`` for ``j < C'//2`` and
+      ``conv2'[.., a, j] = conv2[.., g(a), g(C'//2 + j) - C//2] / cnt(g(a))``;
+    * consumer (next stage's input conv, or the head): ``W'[.., a, :] = W[.., g(a), :] / cnt(g(a))``.
+
+    Every layer's output is the old output with channels replicated by g, so the logits are unchanged
+    (in every mixed-op mode, up to fp32 rounding of the division). Momentum buffers go through the very
+    same maps (division included); alpha and its Adam state are unchanged.
+    """
+    all_stages = stages(spec)
+    if not 0 <= stage < len(all_stages):
+        raise ValueError(f"widen stage {stage} outside 0..{len(all_stages) - 1}")
+    st = all_stages[stage]
+    c = st.channels
+    c_new = widened_channels(c, factor)
+    wd = _Widener(c, widen_mapping(c, c_new, key))
+
+    def w_transfer(tree, _unused=None):
+        new = dict(tree)
+        blocks = [dict(b) for b in tree["blocks"]]
+        if st.producer < 0:
+            new["stem"] = wd.conv_bn_out(tree["stem"])
+        else:
+            blocks[st.producer]["input_conv"] = wd.conv_bn_out(blocks[st.producer]["input_conv"])
+        for i in st.blocks:
+            blocks[i]["paths"] = [{op: wd.op_params(op, pp) for op, pp in path.items()} for path in blocks[i]["paths"]]
+        if st.consumer is None:
+            new["head"] = {**tree["head"], "w": wd.inp(tree["head"]["w"], 0, "head")}
+        else:
+            ic = blocks[st.consumer]["input_conv"]
+            blocks[st.consumer]["input_conv"] = {**ic, "w": wd.inp(ic["w"], 2, "consumer conv")}
+        new["blocks"] = blocks
+        return new
+
+    def s_transfer(tree):
+        new = dict(tree)
+        blocks = [dict(b) for b in tree["blocks"]]
+        if st.producer < 0:
+            new["stem"] = wd.stats(tree["stem"])
+        else:
+            blocks[st.producer]["input_conv"] = wd.stats(blocks[st.producer]["input_conv"])
+        for i in st.blocks:
+            blocks[i]["paths"] = [wd.stats(path) for path in blocks[i]["paths"]]
+        new["blocks"] = blocks
+        return new
+
+    blocks = list(spec.blocks)
+    if st.producer >= 0:
+        blocks[st.producer] = dataclasses.replace(blocks[st.producer], c_out=c_new)
+    for i in st.blocks:
+        if i != st.producer:
+            blocks[i] = dataclasses.replace(blocks[i], c_in=c_new, c_out=c_new)
+    if st.consumer is not None:
+        blocks[st.consumer] = dataclasses.replace(blocks[st.consumer], c_in=c_new)
+    new_spec = dataclasses.replace(spec, blocks=tuple(blocks),
+                                   stem_channels=c_new if st.producer < 0 else spec.stem_channels)
+
+    a_transfer = _rows_transfer(list(range(spec.num_rows)))
+    params = w_transfer(state.params)
+    stats = s_transfer(state.batch_stats)
+    alpha = a_transfer(state.alpha, None)
+    return new_spec, _finish(state, new_spec, params, stats, alpha, w_transfer, None, a_transfer, None)
+
+
+# ---------------------------------------------------------------------------------------------- branch
+
+def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
+    """Add one mixed-op *path* to block ``block_index``.
+
+    "Branch" means: the block's mixed ops, which all read the same input ``h`` (after the block's input
+    conv) and whose outputs are summed, ``y = [h +] sum_p path_scale[p] * mixed_p(h)``, get one more
+    summand: a new, independent mixed op over the block's op set (``n_paths -> n_paths + 1``) with its own
+    weights (``model.init_path``, same channels and op stride as the block), fresh BN statistics and its
+    own alpha row (``0.1 * N(0, 1)``), inserted right after the block's existing rows. Its
+    ``path_scale`` entry is 0 (a block that had no ``path_scale`` -- ``original`` with one path -- gets
+    ``[1.0, 0.0]``), so the function is exactly preserved in every mode; training then moves the scale
+    away from 0. The new path's weights, row and scale entry start with zero momentum/Adam moments.
+    """
+    block_index = int(block_index)
+    if not 0 <= block_index < len(spec.blocks):
+        raise ValueError(f"branch block {block_index} outside 0..{len(spec.blocks) - 1}")
+    b = spec.blocks[block_index]
+    new_block = dataclasses.replace(b, n_paths=b.n_paths + 1)
+    new_spec = dataclasses.replace(spec, blocks=spec.blocks[:block_index] + (new_block,) + spec.blocks[block_index + 1:])
+    k_p, k_a = jax.random.split(key)
+    pp, ps = init_path(k_p, spec.ops, b.c_out, b.op_stride)
+    had_scale = "path_scale" in state.params["blocks"][block_index]
+    if not had_scale and b.n_paths != 1:
+        raise ValueError(f"block {block_index} has {b.n_paths} paths but no path_scale")
+    scale_new = jnp.zeros((1,), jnp.float32) if had_scale else jnp.array([1.0, 0.0], jnp.float32)
+    assert uses_path_scale(new_block)
+    new_parts = {"path": pp, "path_scale": scale_new}
+
+    def w_transfer(tree, parts):
+        blocks = list(tree["blocks"])
+        blk = dict(blocks[block_index])
+        blk["paths"] = list(blk["paths"]) + [parts["path"]]
+        if "path_scale" in blk:
+            old = jnp.asarray(blk["path_scale"])
+            blk["path_scale"] = jnp.concatenate([old, jnp.asarray(parts["path_scale"], old.dtype)])
+        else:
+            blk["path_scale"] = parts["path_scale"]
+        blocks[block_index] = blk
+        return {**tree, "blocks": blocks}
+
+    stats = dict(state.batch_stats)
+    stats["blocks"] = list(stats["blocks"])
+    sb = dict(stats["blocks"][block_index])
+    sb["paths"] = list(sb["paths"]) + [ps]
+    stats["blocks"][block_index] = sb
+
+    r = spec.row_offsets()[block_index] + b.n_paths
+    a_transfer = _rows_transfer(list(range(r)) + [None] + list(range(r, spec.num_rows)))
+    new_row = NEW_ROW_SCALE * jax.random.normal(k_a, (1, len(spec.ops)), jnp.float32)
+    params = w_transfer(state.params, new_parts)
+    alpha = a_transfer(state.alpha, new_row)
+    return new_spec, _finish(state, new_spec, params, stats, alpha, w_transfer, new_parts, a_transfer, new_row)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _logits(spec: NetSpec, params, stats, alpha, mode: str, x):
+    weights = alpha if mode == "argmax" else jax.nn.softmax(alpha, axis=-1)
+    sel = mixed_op.select_rows(weights, mode)
+    return apply_network(spec, params, stats, x, sel, mode, train=False)[0]
+
+
+def inference_logits(spec: NetSpec, state, x, mode: str = "argmax") -> jax.Array:
+    """Logits in inference mode (BN running stats). ``mode``: ``argmax`` (alpha), or a weighted mode
+    (``dense``, ``topk``, ``threshold``) fed ``softmax(alpha)``."""
+    return _logits(spec, state.params, state.batch_stats, jnp.asarray(state.alpha), mode, jnp.asarray(x, jnp.float32))
+
+
+def max_abs_logit_diff(spec_a: NetSpec, state_a, spec_b: NetSpec, state_b, x, mode: str = "argmax") -> float:
+    """Largest ``|logits_a - logits_b|`` on the batch ``x`` in inference mode (see :func:`inference_logits`)."""
+    la = inference_logits(spec_a, state_a, x, mode)
+    lb = inference_logits(spec_b, state_b, x, mode)
+    return float(jnp.max(jnp.abs(la - lb)))
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+def _growth_cfg(cfg):
+    return cfg.growth if hasattr(cfg, "growth") else cfg
+
+
+def feasible_kinds(spec: NetSpec, state, cfg) -> tuple[str, ...]:
+    """The kinds of ``cfg.growth.kinds`` (or a GrowthConfig's) that may be applied now: ``deepen`` only
+    below ``max_depth`` blocks, below ``depth_param_cap`` weights (if set) and, on ``original``, with
+    ``skip_connect`` in the op set."""
+    g = _growth_cfg(cfg)
+    kinds = []
+    for kind in g.kinds:
+        if kind == "deepen":
+            if len(spec.blocks) >= g.max_depth:
+                continue
+            if g.depth_param_cap and count_params(state.params) >= g.depth_param_cap:
+                continue
+            if spec.skeleton == "original" and "skip_connect" not in spec.ops:
+                continue
+        kinds.append(kind)
+    return tuple(kinds)
+
+
+def grow(kind: str, spec: NetSpec, state, key: jax.Array, cfg):
+    """Apply one growth of ``kind`` at a position drawn from ``key`` (reproducible).
+
+    ``deepen``: position uniform in ``0..len(blocks)``; ``widen``: a uniform stage, factor
+    ``cfg.widen_factor``; ``branch``: a uniform block. ``cfg`` is a ``Config`` or a ``GrowthConfig``.
+    Returns ``(spec, state, info)``, ``info = {kind, position, params_before, params_after}`` where
+    ``position`` is the new block's index (deepen), the stage index (widen) or the block index (branch).
+    ``deepen`` beyond ``max_depth`` / ``depth_param_cap`` (or on ``original`` without ``skip_connect``)
+    raises ``ValueError``: pick kinds with :func:`feasible_kinds`. ``cfg.kinds`` is not enforced here."""
+    g = _growth_cfg(cfg)
+    k_pos, k_grow = jax.random.split(key)
+    before = count_params(state.params)
+    if kind == "deepen" and "deepen" not in feasible_kinds(spec, state, dataclasses.replace(g, kinds=("deepen",))):
+        raise ValueError(f"deepen not allowed: {len(spec.blocks)} blocks (max_depth {g.max_depth}), {before} weights "
+                         f"(depth_param_cap {g.depth_param_cap}), skeleton {spec.skeleton!r}; see feasible_kinds")
+    if kind == "deepen":
+        position = int(jax.random.randint(k_pos, (), 0, len(spec.blocks) + 1))
+        new_spec, new_state = deepen(spec, state, position, k_grow)
+    elif kind == "widen":
+        position = int(jax.random.randint(k_pos, (), 0, len(stages(spec))))
+        new_spec, new_state = widen(spec, state, position, g.widen_factor, k_grow)
+    elif kind == "branch":
+        position = int(jax.random.randint(k_pos, (), 0, len(spec.blocks)))
+        new_spec, new_state = branch(spec, state, position, k_grow)
+    else:
+        raise ValueError(f"unknown growth kind {kind!r} (known: {', '.join(KINDS)})")
+    info = {"kind": kind, "position": position, "params_before": before,
+            "params_after": count_params(new_state.params)}
+    return new_spec, new_state, info
