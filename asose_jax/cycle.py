@@ -170,7 +170,7 @@ class Run:
                    dynamic_ncols=True)
         t_start, start_step = time.perf_counter(), self.step_in_epoch
         for i in range(self.step_in_epoch, n_steps):
-            self.state = step_fn(self.state, x, y, perm, i)
+            self.state = step_fn(self.state, x, y, perm, i, self.steps.sample(self.state))
             self.step_in_epoch = i + 1
             if (i + 1) % LOG_EVERY == 0 or i + 1 == n_steps:
                 sums = jax.device_get(self.state.sums)

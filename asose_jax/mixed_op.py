@@ -26,32 +26,56 @@ from asose_jax.ops import OP_REGISTRY
 MODES = ("dense", "single", "topk", "threshold", "argmax")
 
 
-def select(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01) -> dict[str, jax.Array]:
-    """Selection for one mixed op from weights ``[num_ops]`` (for argmax: the alpha row)."""
+def choose(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01) -> jax.Array:
+    """Which ops run, from one row of weights ``[num_ops]``: int32 indices ``[k]`` (switch modes; 1 for
+    single/argmax), a bool keep-mask ``[num_ops]`` (threshold), or a dummy ``[1]`` (dense)."""
     n = weights.shape[-1]
     if mode == "dense":
-        return {"coeff": weights}
-    if mode == "argmax":
-        return {"idx": jnp.argmax(weights)[None].astype(jnp.int32), "coeff": jnp.ones((1,), weights.dtype)}
-    if mode == "single":
-        idx = jnp.argmax(weights)  # weights is a hard straight-through sample: w[idx] == 1 forward
-        return {"idx": idx[None].astype(jnp.int32), "coeff": weights[idx][None]}
+        return jnp.zeros((1,), jnp.int32)
+    if mode in ("single", "argmax"):
+        return jnp.argmax(weights)[None].astype(jnp.int32)
     if mode == "topk":
-        vals, idx = lax.top_k(weights, k)
-        return {"idx": idx.astype(jnp.int32), "coeff": vals / jnp.sum(vals)}
+        return lax.top_k(weights, k)[1].astype(jnp.int32)
     if mode == "threshold":
         _, top_idx = lax.top_k(weights, min(k, n))
-        in_top = jnp.zeros((n,), bool).at[top_idx].set(True)
-        keep = in_top & (weights >= threshold)
-        keep = keep.at[jnp.argmax(weights)].set(True)  # never drop every op
-        w = jnp.where(keep, weights, 0.0)
-        return {"keep": keep, "coeff": w / jnp.sum(w)}
+        keep = jnp.zeros((n,), bool).at[top_idx].set(True) & (weights >= threshold)
+        return keep.at[jnp.argmax(weights)].set(True)  # never drop every op
     raise ValueError(f"unknown mixed-op mode {mode!r}")
 
 
-def select_rows(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01):
+def select(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01, choice=None) -> dict[str, jax.Array]:
+    """Selection for one mixed op: ``choice`` (from :func:`choose`; computed here when None) plus the
+    coefficients, differentiable in ``weights`` (for argmax: the alpha row, coefficient 1).
+
+    Passing a precomputed ``choice`` keeps the branch index an input of the compiled step, so XLA's
+    conditionals need not wait for in-step sampling (see docs/benchmarks.md)."""
+    if mode == "dense":
+        return {"coeff": weights}
+    if choice is None:
+        choice = choose(lax.stop_gradient(weights), mode, k, threshold)
+    if mode == "argmax":
+        return {"idx": choice, "coeff": jnp.ones(choice.shape, weights.dtype)}
+    if mode == "single":  # weights is a hard straight-through sample: w[idx] == 1 forward, soft gradient
+        return {"idx": choice, "coeff": weights[choice]}
+    if mode == "topk":
+        vals = weights[choice]
+        return {"idx": choice, "coeff": vals / jnp.sum(vals)}
+    if mode == "threshold":
+        w = jnp.where(choice, weights, 0.0)
+        return {"keep": choice, "coeff": w / jnp.sum(w)}
+    raise ValueError(f"unknown mixed-op mode {mode!r}")
+
+
+def choose_rows(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01) -> jax.Array:
+    """``choose`` vmapped over rows ``[rows, num_ops]``."""
+    return jax.vmap(lambda w: choose(w, mode, k, threshold))(weights)
+
+
+def select_rows(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01, choices=None):
     """``select`` vmapped over rows: ``[rows, num_ops]`` -> selection with a leading rows axis."""
-    return jax.vmap(lambda w: select(w, mode, k, threshold))(weights)
+    if choices is None:
+        return jax.vmap(lambda w: select(w, mode, k, threshold))(weights)
+    return jax.vmap(lambda w, c: select(w, mode, k, threshold, c))(weights, choices)
 
 
 def _branch(name: str, stride: int, train: bool):

@@ -122,7 +122,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 
 @dataclass(frozen=True)
 class Steps:
-    """The compiled steps for one spec. ``weight_step(state, x_u8, y, perm, i)``: batch ``perm[i]``."""
+    """The compiled steps for one spec.
+
+    ``choice = sample(state)`` draws the step's op choices (same key as the step); then
+    ``weight_step(state, x_u8, y, perm, i, choice)`` trains on batch ``perm[i]`` with those ops."""
+    sample: Callable
     weight_step: Callable
     arch_step: Callable
     eval_batch: Callable
@@ -136,15 +140,23 @@ def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
     tau_fn = arch.tau_schedule(cfg.arch.tau_init, cfg.arch.tau_decay, cfg.arch.tau_min)
     sampling = sampling_kind(cfg)
 
+    def step_keys(state):
+        return jax.random.split(jax.random.fold_in(state.key, state.step))
+
     def batch_and_keys(state, x_all, y_all, perm, i):
         idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
-        k_aug, k_arch = jax.random.split(jax.random.fold_in(state.key, state.step))
+        k_aug, k_arch = step_keys(state)
         x = augment_batch(k_aug, x_all[idx], d.crop, d.flip)
         return x, y_all[idx], k_arch
 
-    def forward(params, stats, alpha, x, k_arch, tau, train):
+    def sample(state: TrainState) -> jax.Array:
+        """Op choices of the next step ``[rows, k]`` (or keep-masks), from the step's own key."""
+        weights = arch.arch_weights(step_keys(state)[1], state.alpha, tau_fn(state.arch_epochs), sampling)
+        return mixed_op.choose_rows(weights, mo.mode, mo.k, mo.weight_threshold)
+
+    def forward(params, stats, alpha, x, k_arch, tau, train, choice):
         weights = arch.arch_weights(k_arch, alpha, tau, sampling)
-        sel = mixed_op.select_rows(weights, mo.mode, mo.k, mo.weight_threshold)
+        sel = mixed_op.select_rows(weights, mo.mode, mo.k, mo.weight_threshold, choice)
         return apply_network(spec, params, stats, x, sel, mo.mode, train, cfg.remat, dtype)
 
     def accumulate(sums, loss, logits, y):
@@ -152,25 +164,25 @@ def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
                 "correct": sums["correct"] + jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
                 "count": sums["count"] + y.shape[0]}
 
-    def weight_step(state: TrainState, x_all, y_all, perm, i) -> TrainState:
+    def weight_step(state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
         x, y, k_arch = batch_and_keys(state, x_all, y_all, perm, i)
         alpha, tau = jax.lax.stop_gradient(state.alpha), tau_fn(state.arch_epochs)
 
         def loss_fn(params):
-            logits, stats = forward(params, state.batch_stats, alpha, x, k_arch, tau, True)
+            logits, stats = forward(params, state.batch_stats, alpha, x, k_arch, tau, True, choice)
             return cross_entropy(logits, y, cfg.optim.label_smoothing), (logits, stats)
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, w_opt = w_tx.update(grads, state.w_opt, state.params)
         return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats, w_opt=w_opt,
                              step=state.step + 1, sums=accumulate(state.sums, loss, logits, y))
 
-    def arch_step(state: TrainState, x_all, y_all, perm, i) -> TrainState:
+    def arch_step(state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
         x, y, k_arch = batch_and_keys(state, x_all, y_all, perm, i)
         tau = tau_fn(state.arch_epochs)
         params = jax.lax.stop_gradient(state.params)
 
         def loss_fn(alpha):
-            logits, stats = forward(params, state.batch_stats, alpha, x, k_arch, tau, True)
+            logits, stats = forward(params, state.batch_stats, alpha, x, k_arch, tau, True, choice)
             return cross_entropy(logits, y), (logits, stats)
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.alpha)
         updates, a_opt = a_tx.update(grads, state.a_opt, state.alpha)
@@ -187,7 +199,8 @@ def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
         correct = (jnp.argmax(logits, -1) == y) & mask
         return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(correct)
 
-    return Steps(weight_step=jax.jit(weight_step, donate_argnums=0),
+    return Steps(sample=jax.jit(sample),
+                 weight_step=jax.jit(weight_step, donate_argnums=0),
                  arch_step=jax.jit(arch_step, donate_argnums=0),
                  eval_batch=jax.jit(eval_batch),
                  tau=tau_fn)
