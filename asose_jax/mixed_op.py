@@ -10,6 +10,7 @@ scalar op indices and their coefficients. ``apply`` runs exactly the selected op
 | `topk`      | k            | `lax.top_k`, then k `lax.switch` calls; weights renormalised    |
 | `threshold` | <= k         | ops under the threshold (or outside the top k) skipped by `lax.cond` |
 | `argmax`    | 1            | `lax.switch` on argmax(alpha); coefficient 1 (inference)        |
+| `fixed`     | 1            | op index static at trace time (used by `single_path`)          |
 
 The index is an unbatched scalar per mixed op, so under ``jit`` XLA really skips the other branches.
 """
@@ -91,6 +92,9 @@ def apply(ops: tuple[str, ...], stride: int, params: dict, stats: dict, x: jax.A
           sel: dict[str, jax.Array], mode: str, train: bool) -> tuple[jax.Array, dict[str, Any]]:
     """Run the mixed op on ``x`` ``[N, H, W, C]``; returns ``(y [N, H/s, W/s, C], new stats)``."""
     branches = [_branch(name, stride, train) for name in ops]
+    if mode == "fixed":  # op index known at trace time (host-dispatched single path): no conditional
+        y, stats = branches[sel["op"]](params, stats, x)
+        return sel["coeff"].astype(y.dtype) * y, stats
     if mode == "dense":
         y, new_stats = None, dict(stats)
         for i, run in enumerate(branches):

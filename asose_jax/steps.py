@@ -199,6 +199,9 @@ def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
         correct = (jnp.argmax(logits, -1) == y) & mask
         return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(correct)
 
+    if mo.mode == "single" and mo.dispatch == "host":
+        from asose_jax.single_path import SinglePathSteps  # noqa: PLC0415 (it builds on this module)
+        return SinglePathSteps(spec, cfg, steps_per_epoch, tau_fn, jax.jit(eval_batch))
     return Steps(sample=jax.jit(sample),
                  weight_step=jax.jit(weight_step, donate_argnums=0),
                  arch_step=jax.jit(arch_step, donate_argnums=0),

@@ -1,0 +1,197 @@
+"""Host-dispatched single-path steps: the fast ``single`` mode on GPUs.
+
+XLA runs a ``lax.switch`` on the GPU by copying the branch index to the host and waiting for the
+stream, so a supernet with one conditional per mixed op (forward and backward) stalls the pipeline
+many times per step (measured: 30-90 ms per step for the `original` net on an H100, against 3 ms
+for the same net with its ops fixed; see docs/benchmarks.md).
+
+Here the host draws each step's op choices itself (Gumbel noise from ``numpy`` seeded by
+``(seed, step)``; alpha is fetched once per weight phase, and after every arch step) and dispatches
+one small jitted program per block, specialised on the chosen op: ``stem -> block_0 .. block_L ->
+head`` forward (each returning its VJP closure), then the VJPs in reverse, then one optimizer update.
+No program contains a conditional, nothing waits on the device inside a weight phase, and every
+program is compiled once per (block shape, op) and cached.
+
+The maths equals the switch implementation: the mixed op's output is scaled by the straight-through
+coefficient ``(onehot - stop_gradient(soft) + soft)[idx]`` (1 forward), so dL/dalpha != 0.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from asose_jax import mixed_op
+from asose_jax.config import Config
+from asose_jax.data import augment_batch
+from asose_jax.model import NetSpec, apply_block, conv_bn_relu
+from asose_jax.steps import TrainState, arch_optimizer, compute_dtype, cross_entropy, weight_optimizer
+
+
+def gumbel_noise(seed: int, step: int, shape: tuple[int, int]) -> np.ndarray:
+    """Standard Gumbel noise ``[rows, ops]`` for one step, from ``(seed, step)``."""
+    u = np.random.default_rng([seed, 0x5A17, step]).random(shape, dtype=np.float64)
+    return (-np.log(-np.log(u + 1e-20) + 1e-20)).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _coeff_and_vjp(alpha, noise, tau, idx, hard: bool = True):
+    """Straight-through coefficient per row ``[rows]`` (value 1) and its VJP w.r.t. alpha."""
+    def coeff(a):
+        soft = jax.nn.softmax((a + noise) / tau, axis=-1)
+        one_hot = jax.nn.one_hot(idx, a.shape[-1], dtype=soft.dtype)
+        st = one_hot - jax.lax.stop_gradient(soft) + soft
+        return jnp.take_along_axis(st, idx[:, None], axis=1)[:, 0]
+    return jax.vjp(coeff, alpha)
+
+
+@jax.jit
+def _concat(parts):
+    return jnp.concatenate(parts)
+
+
+@jax.jit
+def _apply_vjp(vjp_fn, cotangent):
+    return vjp_fn(cotangent)
+
+
+class SinglePathSteps:
+    """Drop-in for :class:`asose_jax.steps.Steps` in ``single`` mode: same ``sample`` / ``weight_step`` /
+    ``arch_step`` signatures, with choices held on the host."""
+
+    def __init__(self, spec: NetSpec, cfg: Config, steps_per_epoch: int, tau_fn, eval_batch):
+        self.spec, self.cfg = spec, cfg
+        self.dtype = compute_dtype(cfg)
+        self.tau, self.eval_batch = tau_fn, eval_batch
+        self.w_tx, self.a_tx = weight_optimizer(cfg, steps_per_epoch), arch_optimizer(cfg)
+        self._alpha: np.ndarray | None = None  # host copy; None = refetch before the next sample
+        self._step: int | None = None  # host mirror of state.step
+        self._tau_value: float | None = None
+        self._stem = jax.jit(self._stem_fwd)
+        self._head = jax.jit(self._head_fwd_bwd)
+        self._blocks = [jax.jit(functools.partial(self._block_fwd, b), static_argnums=(3,))
+                        for b in range(len(spec.blocks))]
+        self._ones = [jnp.ones((b.n_paths,), jnp.float32) for b in spec.blocks]  # weight-step coefficients
+        self._split_coeff = jax.jit(lambda c: [c[o:o + b.n_paths] for b, o in zip(spec.blocks, spec.row_offsets())])
+        self._w_update = jax.jit(self._weight_update, donate_argnums=0)
+        self._a_update = jax.jit(self._arch_update, donate_argnums=0)
+
+    # ------------------------------------------------------------------------------ jitted pieces
+    def _stem_fwd(self, params, stats, key, step, x_all, y_all, perm, i):
+        idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
+        k_aug = jax.random.split(jax.random.fold_in(key, step))[0]
+        d = self.cfg.data
+        x = augment_batch(k_aug, x_all[idx], d.crop, d.flip).astype(self.dtype)
+        (h, new_stats), vjp = _vjp_aux(lambda p: conv_bn_relu(p, stats, x, 1, True), params)
+        return h, new_stats, vjp, y_all[idx]
+
+    def _block_fwd(self, b, params, stats, h, choice, coeff):
+        """Block ``b`` with op ``choice[p]`` (static) on each path; returns only the stats that changed."""
+        block, ops = self.spec.blocks[b], self.spec.ops
+
+        def f(prm, inp, c):
+            sels = [{"op": choice[p], "coeff": c[p]} for p in range(block.n_paths)]
+            out, new = apply_block(self.spec, block, prm, stats, inp, sels, "fixed", True)
+            changed = {"paths": [{ops[choice[p]]: new["paths"][p][ops[choice[p]]]} for p in range(block.n_paths)]}
+            if "input_conv" in new:
+                changed["input_conv"] = new["input_conv"]
+            return out, changed
+        (out, changed), vjp = _vjp_aux(f, params, h, coeff)
+        return out, changed, vjp
+
+    def _head_fwd_bwd(self, params, h, y):
+        def f(p, inp):
+            pooled = jnp.mean(inp.astype(jnp.float32), axis=(1, 2))
+            logits = pooled @ p["w"] + p["b"]
+            return cross_entropy(logits, y, self.cfg.optim.label_smoothing), logits
+        (loss, logits), (g_head, g_h) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, h)
+        correct = jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32)
+        return loss, correct, g_head, g_h.astype(h.dtype)
+
+    def _weight_update(self, state: TrainState, grads, stats, loss, correct, batch):
+        updates, w_opt = self.w_tx.update(grads, state.w_opt, state.params)
+        sums = {"loss": state.sums["loss"] + loss * batch, "correct": state.sums["correct"] + correct,
+                "count": state.sums["count"] + batch}
+        return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats, w_opt=w_opt,
+                             step=state.step + 1, sums=sums)
+
+    def _arch_update(self, state: TrainState, g_alpha, stats, loss, correct, batch):
+        updates, a_opt = self.a_tx.update(g_alpha, state.a_opt, state.alpha)
+        sums = {"loss": state.sums["loss"] + loss * batch, "correct": state.sums["correct"] + correct,
+                "count": state.sums["count"] + batch}
+        return state.replace(alpha=optax.apply_updates(state.alpha, updates), batch_stats=stats, a_opt=a_opt,
+                             step=state.step + 1, sums=sums)
+
+    # ------------------------------------------------------------------------------ host side
+    def _sync(self, state: TrainState) -> None:
+        """Refresh the host copies (alpha, tau, step) when they may be stale: one device sync."""
+        if self._alpha is None:
+            self._alpha = np.asarray(jax.device_get(state.alpha), np.float32)
+            self._tau_value = float(self.tau(state.arch_epochs))
+        if self._step is None:
+            self._step = int(state.step)
+
+    def sample(self, state: TrainState) -> dict[str, Any]:
+        """Host-side op choices for the next step (fetches alpha only when it may have changed)."""
+        self._sync(state)
+        noise = gumbel_noise(self.cfg.seed, self._step, self._alpha.shape)
+        idx = np.argmax(self._alpha + noise, axis=-1).astype(np.int32)
+        return {"idx": idx, "noise": noise}
+
+    def _forward_backward(self, state: TrainState, x_all, y_all, perm, i, choice, coeffs):
+        """Per-block dispatch (``coeffs``: one ``[n_paths]`` array per block); returns
+        (loss, correct, grads tree, new stats, d coeffs per block)."""
+        spec = self.spec
+        h, stem_stats, stem_vjp, y = self._stem(state.params["stem"], state.batch_stats["stem"], state.key,
+                                                state.step, x_all, y_all, perm, i)
+        vjps, block_stats = [], []
+        for b, (block, off) in enumerate(zip(spec.blocks, spec.row_offsets())):
+            ch = tuple(int(c) for c in choice["idx"][off:off + block.n_paths])
+            old = state.batch_stats["blocks"][b]
+            h, changed, vjp = self._blocks[b](state.params["blocks"][b], old, h, ch, coeffs[b])
+            vjps.append(vjp)
+            block_stats.append(_merge_stats(old, changed))
+        loss, correct, g_head, g_h = self._head(state.params["head"], h, y)
+        g_blocks, g_coeff = [None] * len(spec.blocks), []
+        for b in reversed(range(len(spec.blocks))):
+            g_blocks[b], g_h, g_c = _apply_vjp(vjps[b], g_h)
+            g_coeff.insert(0, g_c)
+        (g_stem,) = _apply_vjp(stem_vjp, g_h)
+        grads = {"stem": g_stem, "blocks": g_blocks, "head": g_head}
+        stats = {"stem": stem_stats, "blocks": block_stats}
+        return loss, correct, grads, stats, g_coeff
+
+    def weight_step(self, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
+        self._sync(state)
+        loss, correct, grads, stats, _ = self._forward_backward(state, x_all, y_all, perm, i, choice, self._ones)
+        self._step += 1
+        return self._w_update(state, grads, stats, loss, correct, perm.shape[1])
+
+    def arch_step(self, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
+        self._sync(state)
+        coeff, coeff_vjp = _coeff_and_vjp(state.alpha, choice["noise"], self._tau_value, choice["idx"])
+        loss, correct, _, stats, g_coeff = self._forward_backward(state, x_all, y_all, perm, i, choice,
+                                                                  self._split_coeff(coeff))
+        (g_alpha,) = _apply_vjp(coeff_vjp, _concat(g_coeff))
+        self._step += 1
+        self._alpha = None  # alpha changes: refetch before the next sample
+        return self._a_update(state, g_alpha, stats, loss, correct, perm.shape[1])
+
+
+def _merge_stats(old: dict, changed: dict) -> dict:
+    """Block stats with the entries of ``changed`` (input conv, chosen ops) replaced; host-side, no copies."""
+    new = dict(old)
+    if "input_conv" in changed:
+        new["input_conv"] = changed["input_conv"]
+    new["paths"] = [{**path, **upd} for path, upd in zip(old["paths"], changed["paths"])]
+    return new
+
+
+def _vjp_aux(f, *primals):
+    """``jax.vjp`` for ``f -> (out, aux)``: returns ((out, aux), vjp over out)."""
+    out, vjp, aux = jax.vjp(f, *primals, has_aux=True)
+    return (out, aux), vjp

@@ -1,0 +1,370 @@
+"""Side-by-side PyTorch vs JAX on one GPU: step time, img/s, peak memory, GPU busy fraction, compile time.
+
+    python scripts/compare_pytorch.py                      # batch 128, every configuration
+    python scripts/compare_pytorch.py --batches 128,256,512 --only-main
+
+One command. The PyTorch configurations run in this process; each JAX configuration runs in a child
+process (``--worker``) with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its ``peak_bytes_in_use``
+belongs to that configuration alone. Both sides train the `original` network (C0=32, L=4) on the same
+uint8 batches (synthetic by default, real CIFAR-10 with ``--data-dir``), already on the GPU.
+
+Timing: median over 5 chunks of ``--steps`` steps, each chunk closed by a device sync, after warm-up.
+GPU busy: the union of kernel intervals over the span from the first kernel to the last, from a
+profiler trace of 20 steps (JAX: perfetto trace; PyTorch: torch.profiler).
+Writes ``--out`` (JSON), a markdown table (``--md``) and a bar chart (``--png``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+N_BATCHES = 8
+
+
+def union_busy(intervals: list[tuple[float, float]]) -> float:
+    """Fraction of [first start, last end] covered by at least one interval."""
+    if not intervals:
+        return float("nan")
+    intervals.sort()
+    covered, (cur_s, cur_e) = 0.0, intervals[0]
+    for s, e in intervals[1:]:
+        if s > cur_e:
+            covered += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    covered += cur_e - cur_s
+    span = max(e for _, e in intervals) - min(s for s, _ in intervals)
+    return covered / span if span > 0 else float("nan")
+
+
+def batches_u8(batch: int, data_dir: str | None):
+    """N_BATCHES batches of uint8 NHWC images and int labels (identical for both frameworks)."""
+    n = batch * N_BATCHES
+    if data_dir:
+        sys.path.insert(0, str(ROOT))
+        from asose_jax.data import load_cifar10_dir
+        train, _ = load_cifar10_dir(data_dir)
+        return train.images[:n], train.labels[:n].astype(np.int32)
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, (n,), dtype=np.int32)
+
+
+def median_ms(run_chunk, steps: int, chunks: int = 5) -> float:
+    times = []
+    for _ in range(chunks):
+        t = time.perf_counter()
+        run_chunk(steps)
+        times.append(1000 * (time.perf_counter() - t) / steps)
+    return statistics.median(times)
+
+
+# ================================================================================================ JAX worker
+
+def jax_worker(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, str(ROOT))
+    import dataclasses
+    from asose_jax import model, steps as steps_lib
+    from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
+
+    mode, prec, batch = args.mode, args.precision, args.batch
+    cfg = dataclasses.replace(Config(), precision=prec, remat=args.remat,
+                              model=ModelConfig(skeleton="original", init_channels=32, num_layers=4),
+                              mixed_op=MixedOpConfig(mode=mode, k=3, weight_threshold=0.01, dispatch=args.dispatch),
+                              data=DataConfig(batch_size=batch))
+    spec = model.build_spec("original", 32, 4, cfg.model.ops)
+    xs, ys = batches_u8(batch, args.data_dir)
+    x, y = jnp.asarray(xs), jnp.asarray(ys)
+    perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
+    state = jax.jit(steps_lib.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
+    S = steps_lib.make_steps(spec, cfg, N_BATCHES)
+    host = mode == "single" and args.dispatch == "host"
+    box = {"state": state, "i": 0}
+
+    def step(fn):
+        s = box["state"]
+        box["state"] = fn(s, x, y, perm, box["i"] % N_BATCHES, S.sample(s))
+        box["i"] += 1
+
+    def chunk(fn):
+        def run(n):
+            for _ in range(n):
+                step(fn)
+            jax.block_until_ready(box["state"])
+        return run
+
+    t0 = time.perf_counter()
+    if host:  # compile every (block, op) program: one step per op with every row forced to it
+        n_ops, rows = len(spec.ops), spec.num_rows
+        for fn in (S.weight_step, S.arch_step):
+            for j in range(n_ops):
+                s = box["state"]
+                forced = {"idx": np.full((rows,), j, np.int32), "noise": np.zeros((rows, n_ops), np.float32)}
+                box["state"] = fn(s, x, y, perm, 0, forced)
+            jax.block_until_ready(box["state"])
+    else:
+        chunk(S.weight_step)(1)
+        chunk(S.arch_step)(1)
+    compile_s = time.perf_counter() - t0
+    chunk(S.weight_step)(10)
+    weight_ms = median_ms(chunk(S.weight_step), args.steps)
+    chunk(S.arch_step)(5)
+    arch_ms = median_ms(chunk(S.arch_step), max(args.steps // 2, 5))
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2 ** 20
+    busy = float("nan")
+    with tempfile.TemporaryDirectory() as tdir:
+        chunk(S.weight_step)(3)
+        jax.profiler.start_trace(tdir, create_perfetto_trace=True)
+        chunk(S.weight_step)(20)
+        jax.profiler.stop_trace()
+        files = glob.glob(f"{tdir}/**/*.json.gz", recursive=True)
+        if files:
+            trace = json.load(gzip.open(files[0]))
+            events = trace["traceEvents"] if isinstance(trace, dict) else trace
+            gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                        and "GPU" in str(e.get("args", {}).get("name", ""))}
+            busy = union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                               if e.get("ph") == "X" and e.get("pid") in gpu_pids])
+    flops = None
+    if not host:
+        try:
+            cost = S.weight_step.lower(box["state"], x, y, perm, 0, S.sample(box["state"])).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            flops = float(cost.get("flops", 0.0))
+        except Exception:  # cost analysis is best effort
+            flops = None
+    return {"framework": "jax", "mode": mode, "precision": prec, "batch": batch, "remat": bool(args.remat),
+            "dispatch": args.dispatch if mode == "single" else None, "weight_ms": weight_ms, "arch_ms": arch_ms,
+            "img_per_s": batch / weight_ms * 1000, "peak_mib": peak, "gpu_busy": busy, "compile_s": compile_s,
+            "xla_flops_per_step": flops}
+
+
+# ================================================================================================ torch
+
+def torch_records(batch: int, steps: int, data_dir: str | None, modes: list[str]) -> list[dict]:
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from asose_jax.baseline import torch_asose as ta
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    xs, ys = batches_u8(batch, data_dir)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465], device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.2023, 0.1994, 0.2010], device=dev).view(1, 3, 1, 1) * 255
+    xb = [((torch.from_numpy(xs[i * batch:(i + 1) * batch]).to(dev).permute(0, 3, 1, 2).float() - mean) / std)
+          for i in range(N_BATCHES)]
+    yb = [torch.from_numpy(ys[i * batch:(i + 1) * batch]).long().to(dev) for i in range(N_BATCHES)]
+    out = []
+    for name in modes:
+        compiled = name.endswith("_compiled")
+        base_mode = name.replace("_compiled", "").replace("_profiled", "")
+        torch.manual_seed(0)
+        net = ta.TorchASOSE(32, 4, mode=base_mode).to(dev)
+        net.profile_syncs = name.endswith("_profiled")
+        inputs = xb
+        if compiled:
+            net = net.to(memory_format=torch.channels_last)
+            inputs = [t.contiguous(memory_format=torch.channels_last) for t in xb]
+        opt_w, opt_a = ta.make_optimizers(net)
+        runner = torch.compile(net) if compiled else net
+        ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if compiled else None
+        box = {"i": 0}
+
+        def run(fn, n):
+            for _ in range(n):
+                i = box["i"] % N_BATCHES
+                if ctx:
+                    with ctx():
+                        fn(runner, opt_w if fn is ta.weight_step else opt_a, inputs[i], yb[i])
+                else:
+                    fn(runner, opt_w if fn is ta.weight_step else opt_a, inputs[i], yb[i])
+                box["i"] += 1
+            sync()
+        rec = {"framework": "torch", "mode": "single" if base_mode == "single" and not compiled else name,
+               "precision": "bf16" if compiled else "fp32", "batch": batch, "remat": False}
+        if name.endswith("_profiled"):
+            rec.update(mode="single", profile_syncs=True)
+        try:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            run(ta.weight_step, 3)
+            run(ta.arch_step, 3)
+            rec["compile_s"] = time.perf_counter() - t0
+            run(ta.weight_step, 5)
+            rec["weight_ms"] = median_ms(lambda n: run(ta.weight_step, n), steps)
+            rec["arch_ms"] = median_ms(lambda n: run(ta.arch_step, n), max(steps // 2, 5))
+            rec["img_per_s"] = batch / rec["weight_ms"] * 1000
+            rec["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else float("nan")
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(ta.weight_step, 20)
+            iv = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                  if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)]
+            rec["gpu_busy"] = union_busy(iv)
+        except Exception as e:  # e.g. torch.compile failing on the data-dependent single path
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+        del net, runner, opt_w, opt_a
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def roofline() -> dict:
+    """Measured ceilings: device-to-device copy bandwidth and bf16 matmul rate (PyTorch)."""
+    import torch
+    a = torch.empty(2 ** 30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bw = 2 * a.numel() * 2 * 10 / (time.perf_counter() - t)
+    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        m @ m
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        m @ m
+    torch.cuda.synchronize()
+    tflops = 2 * 8192 ** 3 * 10 / (time.perf_counter() - t) / 1e12
+    del a, b, m
+    torch.cuda.empty_cache()
+    return {"copy_GBps": bw / 1e9, "bf16_matmul_TFLOPs": tflops}
+
+
+# ================================================================================================ report
+
+def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
+    recs = [r for r in result["records"] if "weight_ms" in r]
+    lines = ["| framework | mode | precision | batch | remat | weight ms | arch ms | img/s | peak MiB | GPU busy | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        mode = r["mode"] + (" (+profile syncs)" if r.get("profile_syncs") else "")
+        lines.append(f"| {r['framework']} | {mode} | {r['precision']} | {r['batch']} | {'yes' if r['remat'] else 'no'} | "
+                     f"{r['weight_ms']:.2f} | {r['arch_ms']:.2f} | {r['img_per_s']:,.0f} | {r['peak_mib']:.0f} | "
+                     f"{r['gpu_busy']:.2f} | {r['compile_s']:.1f} |")
+    for r in result["records"]:
+        if "error" in r:
+            lines.append(f"| {r['framework']} | {r['mode']} | {r['precision']} | {r['batch']} | – | failed: {r['error']} |||||||")
+    md_path.write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    b128 = [r for r in recs if r["batch"] == min(x["batch"] for x in recs) and not r["remat"]]
+    labels = [f"{r['framework']}\n{r['mode']}{'+sync' if r.get('profile_syncs') else ''}\n{r['precision']}" for r in b128]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(b128)), 4.5))
+    colors = ["tab:red" if r["framework"] == "torch" else "tab:blue" for r in b128]
+    ax.bar(range(len(b128)), [r["img_per_s"] for r in b128], color=colors)
+    ax.set_xticks(range(len(b128)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("weight-step images / s")
+    ax.set_yscale("log")
+    ax.set_title(f"`original` network, batch {b128[0]['batch'] if b128 else ''}, {result['device']} (red: PyTorch, blue: JAX)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="128")
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
+    ap.add_argument("--data-dir", default=None, help="cifar-10-batches-py dir for real batches (default: synthetic)")
+    ap.add_argument("--only", choices=["torch", "jax"], default=None)
+    ap.add_argument("--only-main", action="store_true", help="only torch allops/single, JAX dense bf16 and single")
+    ap.add_argument("--torch-modes", default="allops,single,single_profiled,allops_compiled,single_compiled")
+    ap.add_argument("--jax-configs", default="single:fp32,single:bf16,dense:fp32,dense:bf16,topk:fp32,topk:bf16,"
+                                             "threshold:fp32,threshold:bf16,dense:bf16:remat,single:bf16:remat,"
+                                             "single:fp32:switch")
+    ap.add_argument("--out", default=str(ROOT / "docs/results/compare_h100.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs/results/compare_h100.md"))
+    ap.add_argument("--png", default=str(ROOT / "docs/results/compare_h100.png"))
+    ap.add_argument("--merge", action="store_true", help="add to the records already in --out")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="single", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
+    ap.add_argument("--remat", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dispatch", default="host", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(jax_worker(args)), flush=True)
+        return
+
+    import torch
+    import jax
+    out_path = Path(args.out)
+    result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+              "versions": {"torch": torch.__version__, "jax": jax.__version__, "python": sys.version.split()[0]},
+              "command": "python " + " ".join(sys.argv), "records": []}
+    if args.merge and out_path.exists():
+        old = json.loads(out_path.read_text())
+        result["records"] = old["records"]
+        result["roofline"] = old.get("roofline")
+    if "roofline" not in result or not result["roofline"]:
+        result["roofline"] = roofline()
+        print(json.dumps(result["roofline"]), flush=True)
+
+    def save():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
+
+    torch_modes = args.torch_modes.split(",")
+    jax_cfgs = args.jax_configs.split(",")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        if args.only_main:
+            torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16"]
+        if args.only != "jax":
+            result["records"] += torch_records(batch, args.steps, args.data_dir, torch_modes)
+            save()
+        if args.only == "torch":
+            continue
+        for spec in jax_cfgs:
+            parts = spec.split(":")
+            cmd = [sys.executable, __file__, "--worker", "--mode", parts[0], "--precision", parts[1],
+                   "--batch", str(batch), "--steps", str(args.steps)]
+            if "remat" in parts:
+                cmd.append("--remat")
+            if "switch" in parts:
+                cmd += ["--dispatch", "switch"]
+            if args.data_dir:
+                cmd += ["--data-dir", args.data_dir]
+            env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if lines:
+                rec = json.loads(lines[-1][len("RESULT "):])
+            else:
+                rec = {"framework": "jax", "mode": parts[0], "precision": parts[1], "batch": batch,
+                       "remat": "remat" in parts, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            print(json.dumps(rec), flush=True)
+            result["records"].append(rec)
+            save()
+    write_outputs(result, Path(args.md), Path(args.png))
+    print(Path(args.md).read_text())
+
+
+if __name__ == "__main__":
+    main()
