@@ -41,6 +41,7 @@ class MixedOpConfig:
     k: int = 3  # ops kept by topk / threshold
     weight_threshold: float = 0.01  # threshold mode: ops under this weight are skipped
     eval_mode: str = "argmax"  # mode used by eval_step
+    dispatch: str = "host"  # single mode: "host" (per-block programs, no conditionals) | "switch" (lax.switch)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class FinalConfig:
     batch_size: int = 512
     skeleton: str = "resnet"
     width: int = 0  # 0 = the searched network's widths
+    schedule: str = "cosine"  # LR after the linear warm-up: cosine | linear decay to 0 (stepped per step)
+    path_scale_init: float = 1.0  # initial per-path residual scale (0 = identity-initialised blocks)
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,7 @@ def validate(cfg: Config) -> Config:
     modes = ("dense", "single", "topk", "threshold", "argmax")
     _check(mo.mode in modes, "mixed_op.mode", " | ".join(modes), mo.mode)
     _check(mo.eval_mode in modes, "mixed_op.eval_mode", " | ".join(modes), mo.eval_mode)
+    _check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
     _check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
     _check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)
     for name, v in (("arch.lr", a.lr), ("optim.lr", o.lr), ("final.lr", f.lr)):
@@ -313,6 +317,12 @@ def validate(cfg: Config) -> Config:
     _check(f.skeleton in ("original", "resnet"), "final.skeleton", "original | resnet", f.skeleton)
     _check(0 <= f.ema_decay < 1, "final.ema_decay", "[0, 1)", f.ema_decay)
     _check(f.cutout >= 0, "final.cutout", ">= 0", f.cutout)
+    _check(f.schedule in ("cosine", "linear"), "final.schedule", "cosine | linear", f.schedule)
+    _check(f.width >= 0, "final.width", ">= 0 (0 = the searched widths)", f.width)
+    _check(0 <= f.momentum < 1, "final.momentum", "[0, 1)", f.momentum)
+    _check(0 <= f.label_smoothing < 1, "final.label_smoothing", "[0, 1)", f.label_smoothing)
+    _check(f.warmup_epochs >= 0, "final.warmup_epochs", ">= 0 (clamped to the run length)", f.warmup_epochs)
+    _check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
     _check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
     return cfg
