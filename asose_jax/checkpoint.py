@@ -1,24 +1,87 @@
 """Orbax checkpoints of a whole run: the TrainState, the current spec (it changes with growth), the
 cursor (where in the schedule the run is), the metrics so far and the config hash.
 
-Saves are asynchronous and atomically finalised by Orbax; ``max_to_keep`` old ones are kept. Restore
-reads the JSON metadata first, rebuilds the abstract state tree from the *saved* spec, then restores
-the arrays into it. A checkpoint that fails to restore (truncated, corrupted) is skipped with a warning
-and the previous one is used.
+Saves are asynchronous and atomically finalised by Orbax (written to a temporary directory, renamed to
+``<id>`` when complete); the newest ``max_to_keep`` are kept. Restore reads the JSON metadata first,
+rebuilds the abstract state tree from the *saved* spec, then restores the arrays into it (so dtypes,
+NamedTuple optimizer states and grown shapes come back exactly). A checkpoint that fails to restore
+(truncated, corrupted) is skipped with a warning, moved aside to ``<dir>.corrupt/`` and the previous one
+is used; when none restores, :class:`CheckpointError` is raised and nothing is touched.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from asose_jax.config import Config, config_hash
 from asose_jax.model import NetSpec
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one from another config; the message is one line (CLI: exit code 2)."""
+
+
+def resume_hash(cfg: Config) -> str:
+    """Hash of the config fields that determine a run's results: what must match to resume a workdir.
+
+    Ignored: ``resume.*``, ``checkpoint.*`` (how often and how many to keep) and ``data.dir`` (where the
+    same data lives); changing those never changes the results, so re-running with them is a resume.
+    """
+    neutral = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=""),
+                                  checkpoint=type(cfg.checkpoint)())
+    return config_hash(neutral, ignore=("resume",))
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+    """True when every floating-point leaf of ``tree`` is finite (one fused device reduction)."""
+    return bool(_all_finite(tree))
+
+
+@contextlib.contextmanager
+def _defer_sigint():
+    """Hold a Ctrl-C until the block is done (main thread only), then raise it as usual.
+
+    Used around the blocking part of a save, so an interrupt never leaves a half-started checkpoint behind:
+    the KeyboardInterrupt comes right after the save is queued, and the caller's ``finally`` waits for it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 @dataclass
@@ -35,42 +98,81 @@ class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._last_id = max(self.steps(), default=-1)
 
     def steps(self) -> list[int]:
+        """Ids of the finalised checkpoints (interrupted saves never appear), oldest first."""
         return sorted(self.manager.all_steps())
 
     def next_id(self) -> int:
-        steps = self.steps()
-        return steps[-1] + 1 if steps else 0
+        return max(self._last_id, max(self.steps(), default=-1)) + 1
 
     def save(self, state: Any, spec: NetSpec, meta: dict) -> int:
-        """Queue an async save of ``state`` and ``meta`` (+ the spec); returns the checkpoint id."""
+        """Queue an async save of ``state`` and ``meta`` (+ the spec); returns the checkpoint id.
+
+        Orbax first waits for the previous save, copies the arrays off the device before returning (so the
+        caller may donate ``state`` right after), then writes and renames the directory in the background.
+        """
         ckpt_id = self.next_id()
         meta = {**meta, "spec": spec.to_dict()}
-        self.manager.save(ckpt_id, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)))
+        with _defer_sigint():
+            self.manager.save(ckpt_id, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)))
+            self._last_id = ckpt_id
         return ckpt_id
 
+    def restore_meta(self, ckpt_id: int) -> dict:
+        return self.manager.restore(ckpt_id, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore_latest(self, abstract_state_fn: Callable[[NetSpec], Any]) -> Restored | None:
-        """Newest checkpoint that restores cleanly, or None. ``abstract_state_fn(spec)`` -> abstract tree."""
+        """Newest checkpoint that restores cleanly; None when there is none at all.
+
+        ``abstract_state_fn(spec)`` -> the abstract (``ShapeDtypeStruct``) state tree for that spec. Newer
+        checkpoints that fail are moved to ``<dir>.corrupt/<id>`` once an older one has restored (they are
+        kept for inspection, out of the way of ``max_to_keep``). Raises CheckpointError when checkpoints
+        exist but none restores.
+        """
+        failed: list[tuple[int, str]] = []
         for ckpt_id in reversed(self.steps()):
             try:
-                meta = self.manager.restore(ckpt_id, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                meta = self.restore_meta(ckpt_id)
                 spec = NetSpec.from_dict(meta["spec"])
                 abstract = abstract_state_fn(spec)
                 restored = self.manager.restore(ckpt_id, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract)))
                 state = restored["state"]
                 jax.block_until_ready(state)
-                return Restored(state=state, spec=spec, meta=meta, ckpt_id=ckpt_id)
             except Exception as e:  # corrupted or truncated: fall back to the previous one
-                logger.warning("checkpoint %d in %s is unreadable (%s: %s); trying the previous one",
-                               ckpt_id, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                failed.append((ckpt_id, _one_line(e)))
+                logger.warning("checkpoint %d in %s is unreadable (%s); trying the previous one",
+                               ckpt_id, self.directory, _one_line(e))
+                continue
+            self._set_aside([i for i, _ in failed])
+            return Restored(state=state, spec=spec, meta=meta, ckpt_id=ckpt_id)
+        if failed:
+            newest, why = failed[0]
+            raise CheckpointError(f"none of the {len(failed)} checkpoints in {self.directory} can be restored "
+                                  f"(newest, {newest}: {why}); move the directory away or use a new --workdir")
         return None
 
+    def _set_aside(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        self.manager.wait_until_finished()
+        aside = self.directory.with_name(self.directory.name + ".corrupt")
+        aside.mkdir(exist_ok=True)
+        for ckpt_id in ids:
+            src, dst = self.directory / str(ckpt_id), aside / str(ckpt_id)
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.move(str(src), str(dst))
+            logger.warning("moved unreadable checkpoint %d to %s", ckpt_id, dst)
+        self.manager.reload()
+
     def wait(self) -> None:
+        """Block until every queued save is written and finalised."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asose_jax import arch, policy
-from asose_jax.checkpoint import Checkpointer
+from asose_jax.checkpoint import CheckpointError, Checkpointer, all_finite, resume_hash
 from asose_jax.config import Config, config_hash
 from asose_jax.data import Dataset, epoch_permutation, normalize
 from asose_jax.model import NetSpec, build_spec, count_params
@@ -87,7 +87,7 @@ class Run:
         self.task_index, self.step_in_epoch = 0, 0
         self.alpha_history: list[dict] = []
         self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
-        self.config_hash = config_hash(cfg)
+        self.config_hash = resume_hash(cfg)  # what must match to resume (checkpoint.*, data.dir, resume.* excluded)
         self.wall_offset = 0.0
         self._t0 = time.perf_counter()
 
@@ -106,29 +106,47 @@ class Run:
         return jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, self.cfg, self.n_weight_steps))
 
     def try_resume(self) -> bool:
+        """Restore the newest readable checkpoint (cursor, metrics, state); False when there is none.
+
+        Raises CheckpointError (CLI exit 2) when checkpoints exist but none restores, or when they come
+        from another config and ``resume.allow_config_change`` is off.
+        """
         if self.ckpt is None or not self.ckpt.steps():
             return False
         restored = self.ckpt.restore_latest(self.abstract_state)
         if restored is None:
-            logger.warning("no readable checkpoint in %s; starting from scratch", self.ckpt.directory)
             return False
         meta = restored.meta
+        if meta.get("config_hash") != self.config_hash and not self.cfg.resume.allow_config_change:
+            raise CheckpointError(f"the checkpoints in {self.ckpt.directory} come from a different config; use a "
+                                  f"new --workdir or --set resume.allow_config_change=true")
         self.state, self.spec = restored.state, restored.spec
         self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
-        self.task_index, self.step_in_epoch = meta["task_index"], meta["step_in_epoch"]
+        self.task_index = min(int(meta["task_index"]), len(self.tasks))  # a changed config may shorten the plan
+        self.step_in_epoch = int(meta["step_in_epoch"]) if self.task_index < len(self.tasks) else 0
         self.metrics = meta["metrics"]
         self.alpha_history = meta["alpha_history"]
         self.wall_offset = meta.get("wall_s", 0.0)
-        self._write_metrics()
+        self._write_metrics()  # drop rows logged after the checkpoint; they are recomputed identically
         t = self.tasks[self.task_index] if self.task_index < len(self.tasks) else None
-        where = f"cycle {t.cycle}, {t.kind} {t.phase} epoch {t.epoch}" if t else "the end"
-        logger.info("resumed from checkpoint %d: step %d (%s, step %d of the epoch)", restored.ckpt_id,
-                    int(self.state.step), where, self.step_in_epoch)
+        if t is None:
+            where = "all tasks done"
+        elif t.kind == "epoch":
+            n = self.n_arch_steps if t.phase == "arch" else self.n_weight_steps
+            where = (f"cycle {t.cycle} {t.phase} epoch {t.epoch + 1}/{self._phase_len(t.phase)}, "
+                     f"step {self.step_in_epoch}/{n} of the epoch")
+        else:
+            where = f"cycle {t.cycle} {t.kind.replace('_', ' ')}"
+        logger.info("resumed from checkpoint %d at step %d (%s)", restored.ckpt_id, int(self.state.step), where)
         return True
 
     def save(self) -> None:
+        """Queue an async checkpoint of the state and cursor; refuses (DivergenceError) a non-finite state."""
         if self.ckpt is None:
             return
+        if not all_finite(self.state):
+            raise DivergenceError(f"the state became NaN/Inf by step {int(self.state.step)}; not saved, the last "
+                                  f"good checkpoint is kept")
         meta = {"task_index": self.task_index, "step_in_epoch": self.step_in_epoch, "metrics": self.metrics,
                 "alpha_history": self.alpha_history, "config_hash": self.config_hash, "wall_s": self.wall_s()}
         self.ckpt.save(self.state, self.spec, meta)
@@ -282,7 +300,7 @@ class Run:
                     stop = self.run_cycle_end(task)
                 self.task_index = len(self.tasks) if stop else self.task_index + 1
                 self.save()
-        finally:
+        finally:  # also on Ctrl-C and errors: queued saves are finalised before the process exits
             if self.ckpt is not None:
                 self.ckpt.wait()
         return self.finish()

@@ -2,6 +2,9 @@
 
 Re-running the same command with the same ``--workdir`` resumes from the newest checkpoint.
 Bad input ends with one line on stderr and exit code 2 (``--debug`` shows the traceback).
+
+Exit codes: 0 done; 2 bad input (config, data, workdir, checkpoints, genotype); 3 the loss or state became
+NaN/Inf (the last good checkpoint is kept); 130 interrupted (Ctrl-C; queued checkpoints are finalised).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from asose_jax.config import Config, ConfigError
 
 logger = logging.getLogger("asose_jax")
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -25,14 +29,21 @@ class UsageError(RuntimeError):
     """Bad input found by the CLI itself (workdir, config change); one line for the user."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``error: ...``) with exit code 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "python -m asose_jax.search", description: str = __doc__) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n"
-                                       "  python -m asose_jax.search --preset smoke --workdir runs/smoke\n"
-                                       "  python -m asose_jax.search --preset original --data-dir ~/data/cifar10 "
-                                       "--set cycle.max_cycles=1\n"
-                                       "  python -m asose_jax.search --config configs/cifar10_95.py --workdir runs/c95")
+    p = OneLineParser(prog=prog, description=description.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="examples:\n"
+                             "  python -m asose_jax.search --preset smoke --workdir runs/smoke\n"
+                             "  python -m asose_jax.search --preset original --data-dir ~/data/cifar10 "
+                             "--set cycle.max_cycles=1\n"
+                             "  python -m asose_jax.search --config configs/cifar10_95.py --workdir runs/c95")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="PATH", help="config file defining get_config() (default: configs/default.py)")
     src.add_argument("--preset", metavar="NAME", help="a config from configs/ by name: default, original, smoke, cifar10_95")
@@ -60,8 +71,15 @@ def resolve_config(args) -> tuple[Config, str]:
     return cfg, Path(path).stem
 
 
-def prepare_workdir(workdir: Path, cfg: Config) -> None:
-    """Create the workdir, check it is writable, and refuse a changed config on an existing run."""
+def check_workdir(workdir: Path, cfg: Config) -> bool:
+    """Create the workdir, check it is writable, and refuse a changed config on an existing run.
+
+    Writes nothing else (see :func:`write_config`); returns True when this call created the directory.
+    Only the fields that change results count as a change (``checkpoint.*``, ``data.dir`` and ``resume.*``
+    may differ on a resume; see :func:`asose_jax.checkpoint.resume_hash`).
+    """
+    from asose_jax.checkpoint import resume_hash
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -70,19 +88,33 @@ def prepare_workdir(workdir: Path, cfg: Config) -> None:
     except OSError as e:
         raise UsageError(f"workdir {workdir} is not writable ({e.strerror or e})") from None
     cfg_path = workdir / "config.json"
-    new_hash = config_lib.config_hash(cfg)
-    if cfg_path.exists():
+    if cfg_path.exists() and not cfg.resume.allow_config_change:
         try:
-            old_hash = json.loads(cfg_path.read_text()).get("config_hash")
-        except (json.JSONDecodeError, OSError):
+            saved = json.loads(cfg_path.read_text())
+            old_hash = saved.get("resume_hash")
+        except (json.JSONDecodeError, OSError, AttributeError):
             old_hash = None
-        if old_hash and old_hash != new_hash and not cfg.resume.allow_config_change:
+        if old_hash and old_hash != resume_hash(cfg):
             raise UsageError(f"workdir {workdir} holds a run with a different config; use a new --workdir or "
                              f"--set resume.allow_config_change=true")
-    payload = {"config_hash": new_hash, "config": config_lib.to_dict(cfg)}
+    return created
+
+
+def write_config(workdir: Path, cfg: Config) -> None:
+    """``config.json``: the full config, its hash and the resume hash (atomically replaced)."""
+    from asose_jax.checkpoint import resume_hash
+    cfg_path = workdir / "config.json"
+    payload = {"config_hash": config_lib.config_hash(cfg), "resume_hash": resume_hash(cfg),
+               "config": config_lib.to_dict(cfg)}
     tmp = cfg_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, cfg_path)
+
+
+def prepare_workdir(workdir: Path, cfg: Config) -> None:
+    """:func:`check_workdir` then :func:`write_config`."""
+    check_workdir(workdir, cfg)
+    write_config(workdir, cfg)
 
 
 def setup_logging(quiet: bool) -> None:
@@ -93,11 +125,21 @@ def setup_logging(quiet: bool) -> None:
 
 
 def enable_compilation_cache() -> None:
-    """Persistent XLA cache so re-runs (and resumes) skip compilation."""
+    """Persistent XLA cache so re-runs (and resumes) skip compilation.
+
+    ``ASOSE_JAX_CACHE``: the cache directory; ``ASOSE_JAX_CACHE_MIN_COMPILE_S``: cache only programs that
+    took at least this long to compile (default 1.0; the tests use 0 so tiny CPU runs restart fast).
+    """
     import jax
     cache = os.environ.get("ASOSE_JAX_CACHE", str(Path.home() / ".cache" / "asose_jax" / "xla"))
+    try:
+        min_s = float(os.environ.get("ASOSE_JAX_CACHE_MIN_COMPILE_S", "1.0"))
+    except ValueError:
+        raise UsageError("ASOSE_JAX_CACHE_MIN_COMPILE_S must be a number of seconds") from None
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_s)
+    if min_s <= 0:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
@@ -114,9 +156,12 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
         run.init_state()
         logger.info("new run in %s: %s skeleton, %d blocks, %d weights, mixed-op mode %s", workdir,
                     cfg.model.skeleton, len(run.spec.blocks), run.param_count(), cfg.mixed_op.mode)
+    write_config(workdir, cfg)  # only now: bad data or unusable checkpoints leave config.json as it was
     result = run.execute()
     result["wall_s"] = run.wall_s()
     genotype = run.genotype()
+    # Resume of the final training is train_final's: it checkpoints to workdir/final_checkpoints and continues
+    # from there when re-run (the search above then restores as "all tasks done" and only re-evaluates).
     if cfg.final.enabled:
         from asose_jax.train import train_final
         result["final"] = train_final(cfg, genotype, data, workdir, progress=progress)
@@ -128,31 +173,46 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from asose_jax.arch import GenotypeError
+    from asose_jax.checkpoint import CheckpointError
     from asose_jax.cycle import DivergenceError
     from asose_jax.data import DataError
+    workdir, created = None, False
     try:
         cfg, name = resolve_config(args)
         workdir = Path(args.workdir or Path("runs") / name)
-        prepare_workdir(workdir, cfg)
+        created = check_workdir(workdir, cfg)
         enable_compilation_cache()
         t0 = time.perf_counter()
         result = run_search(cfg, workdir, progress=not args.no_progress)
-    except (ConfigError, DataError, UsageError, GenotypeError) as e:
+    except (ConfigError, DataError, UsageError, GenotypeError, CheckpointError) as e:
+        if created:  # a workdir this call made and left empty: remove it again
+            _remove_if_empty(workdir)
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except DivergenceError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print("interrupted: pending checkpoints were written; re-run the same command to resume", file=sys.stderr)
+        print("interrupted: queued checkpoints were written; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     logger.info("done in %.1f s: arch-val %.2f %%, test %.2f %%; genotype %s", time.perf_counter() - t0,
                 result["arch_val_acc"], result["test_acc"], workdir / "genotype.json")
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
