@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +22,10 @@ from tqdm.auto import tqdm
 
 from asose_jax import arch, policy
 from asose_jax.checkpoint import CheckpointError, Checkpointer, all_finite, resume_hash
-from asose_jax.config import Config, config_hash
+from asose_jax.config import Config
 from asose_jax.data import Dataset, epoch_permutation, normalize
 from asose_jax.model import NetSpec, build_spec, count_params
-from asose_jax.steps import PHASES, Steps, TrainState, create_train_state, evaluate, make_steps, zero_sums
+from asose_jax.steps import PHASES, create_train_state, evaluate, make_steps, zero_sums
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)

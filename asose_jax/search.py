@@ -36,18 +36,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def build_parser(prog: str = "python -m asose_jax.search", description: str = __doc__) -> argparse.ArgumentParser:
+SEARCH_EPILOG = ("examples:\n"
+                 "  python -m asose_jax.search --preset smoke --workdir runs/smoke\n"
+                 "  python -m asose_jax.search --preset original --data-dir ~/data/cifar10 --set cycle.max_cycles=1\n"
+                 "  python -m asose_jax.search --config configs/cifar10_95.py --workdir runs/c95")
+
+
+def build_parser(prog: str = "python -m asose_jax.search", description: str = __doc__, epilog: str = SEARCH_EPILOG,
+                 workdir_help: str = "run directory (default: runs/<config name>); re-use it to resume"
+                 ) -> argparse.ArgumentParser:
+    """The CLI shared by ``asose_jax.search`` and ``asose_jax.train``."""
     p = OneLineParser(prog=prog, description=description.splitlines()[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                      epilog="examples:\n"
-                             "  python -m asose_jax.search --preset smoke --workdir runs/smoke\n"
-                             "  python -m asose_jax.search --preset original --data-dir ~/data/cifar10 "
-                             "--set cycle.max_cycles=1\n"
-                             "  python -m asose_jax.search --config configs/cifar10_95.py --workdir runs/c95")
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="PATH", help="config file defining get_config() (default: configs/default.py)")
     src.add_argument("--preset", metavar="NAME", help="a config from configs/ by name: default, original, smoke, cifar10_95")
-    p.add_argument("--workdir", metavar="DIR", help="run directory (default: runs/<config name>); re-use it to resume")
+    p.add_argument("--workdir", metavar="DIR", help=workdir_help)
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config value, e.g. --set optim.lr=0.05 --set mixed_op.mode=dense (repeatable)")
     p.add_argument("--data-dir", metavar="DIR", help="cifar-10-batches-py directory (same as --set data.dir=DIR)")

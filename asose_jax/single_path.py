@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from asose_jax import mixed_op
 from asose_jax.config import Config
 from asose_jax.data import augment_batch
 from asose_jax.model import NetSpec, apply_block, conv_bn_relu

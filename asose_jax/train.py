@@ -501,16 +501,13 @@ def write_final_summary(workdir: Path, result: dict, spec: DerivedSpec, metrics:
 
 def build_train_parser():
     from asose_jax.search import build_parser
-    p = build_parser(prog="python -m asose_jax.train", description=__doc__)
-    p.epilog = ("examples:\n"
-                "  python -m asose_jax.train --genotype runs/smoke/genotype.json --preset smoke "
-                "--workdir runs/smoke_final\n"
-                "  python -m asose_jax.train --genotype runs/c95/genotype.json --config configs/cifar10_95.py "
-                "--set final.epochs=40")
+    epilog = ("examples:\n"
+              "  python -m asose_jax.train --genotype runs/smoke/genotype.json --preset smoke --workdir runs/smoke_final\n"
+              "  python -m asose_jax.train --genotype runs/c95/genotype.json --config configs/cifar10_95.py "
+              "--set final.epochs=40")
+    p = build_parser(prog="python -m asose_jax.train", description=__doc__, epilog=epilog,
+                     workdir_help="run directory (default: <genotype dir>/final); re-use it to resume")
     p.add_argument("--genotype", required=True, metavar="PATH", help="genotype.json written by a search")
-    for action in p._actions:  # the workdir default differs from the search's
-        if action.dest == "workdir":
-            action.help = "run directory (default: <genotype dir>/final); re-use it to resume"
     return p
 
 

@@ -327,7 +327,7 @@ def md_table(meta: dict, rows: list[dict], with_cl: bool) -> str:
     hdr, body = table_rows(rows, with_cl)
     a = meta["args"]
     lines = [
-        f"# Per-primitive forward+backward time, JAX vs PyTorch",
+        "# Per-primitive forward+backward time, JAX vs PyTorch",
         "",
         f"- device: JAX `{meta['jax_device']}`, torch `{meta.get('torch_device_name', '-')}`; date {meta['date']}",
         f"- versions: jax {meta['versions'].get('jax')}, jaxlib {meta['versions'].get('jaxlib')}, "

@@ -221,7 +221,6 @@ def torch_records(batch: int, steps: int, data_dir: str | None, modes: list[str]
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(json.dumps(rec), flush=True)
         out.append(rec)
-        del net, runner, opt_w, opt_a
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return out

@@ -1,6 +1,6 @@
 """Quick probe: ms per weight/arch step of the `original` net per mixed-op mode and precision (JAX only).
 Usage: python scripts/probe_step.py [--batch 128] [--modes single,dense] [--steps 100]"""
-import argparse, dataclasses, json, os, time
+import argparse, dataclasses, json, time
 import jax, jax.numpy as jnp, numpy as np
 from asose_jax import model, steps as steps_lib
 from asose_jax.config import Config, ModelConfig, MixedOpConfig

@@ -7,7 +7,6 @@ command in a subprocess to check what a user sees.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
