@@ -90,7 +90,8 @@ def _trained(skeleton: str, ops=OPS, train: bool = True):
     state = make_state(spec, cfg)
     if train:  # one real weight step: non-zero SGD momentum, LR schedule count 1
         xs, ys, perm = synthetic_batch()
-        state = steps.make_steps(spec, cfg, SPE).weight_step(state, xs, ys, perm, 0)
+        S = steps.make_steps(spec, cfg, SPE)
+        state = S.weight_step(state, xs, ys, perm, 0, S.sample(state))
         state = jax.device_get(state)
     else:  # fake momentum and schedule position
         state = state.replace(w_opt=jax.tree.map(lambda v: v + 0.01 if v.ndim else v + 1, state.w_opt))
@@ -342,7 +343,8 @@ def test_growth_chain_then_train(skeleton):
     assert_preserved(spec, state, s, st, ("argmax", "dense") if skeleton == "resnet" else ("argmax",))
     check_common(cfg, spec, state, s, st)
     xs, ys, perm = synthetic_batch()
-    st2 = steps.make_steps(s, cfg, SPE).weight_step(st, xs, ys, perm, 1)
+    S2 = steps.make_steps(s, cfg, SPE)
+    st2 = S2.weight_step(st, xs, ys, perm, 1, S2.sample(st))
     assert np.isfinite(float(st2.sums["loss"])) and int(st2.sums["count"]) == int(state.sums["count"]) + B
     chex.assert_tree_all_finite(st2.params)
     assert int(st2.step) == int(state.step) + 1

@@ -1,0 +1,167 @@
+"""Tests for asose_jax.arch: batched Gumbel-softmax (soft / hard straight-through), entropy stability,
+the tau schedule, genotype derivation and the genotype JSON round trip with its errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asose_jax import arch
+from asose_jax.arch import GenotypeError
+from asose_jax.ops import PRIMITIVES
+
+ROWS, OPS = 5, len(PRIMITIVES)
+
+
+@pytest.fixture(scope="module")
+def alpha():
+    return arch.init_alpha(jax.random.PRNGKey(0), ROWS, OPS, 0.1)
+
+
+def test_init_alpha_shape_scale():
+    a = arch.init_alpha(jax.random.PRNGKey(1), 64, OPS, 0.1)
+    chex.assert_shape(a, (64, OPS))
+    chex.assert_type(a, jnp.float32)
+    assert 0.08 < float(jnp.std(a)) < 0.12
+    assert not np.any(np.asarray(arch.init_alpha(jax.random.PRNGKey(1), 2, OPS, 0.0)))
+
+
+def test_gumbel_soft_rows_sum_to_one(alpha):
+    w = arch.gumbel_softmax(jax.random.PRNGKey(2), alpha, jnp.float32(1.0), hard=False)
+    chex.assert_shape(w, (ROWS, OPS))
+    np.testing.assert_allclose(np.asarray(w.sum(-1)), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(w) > 0) and np.all(np.asarray(w) < 1)
+    # rows use independent noise
+    same = arch.gumbel_softmax(jax.random.PRNGKey(2), jnp.zeros((2, OPS)), jnp.float32(1.0), hard=False)
+    assert not np.allclose(np.asarray(same[0]), np.asarray(same[1]))
+
+
+def test_gumbel_hard_one_hot_forward(alpha):
+    for seed in range(3):
+        w = arch.gumbel_softmax(jax.random.PRNGKey(seed), alpha, jnp.float32(5.0), hard=True)
+        chex.assert_shape(w, (ROWS, OPS))
+        wn = np.asarray(w)
+        np.testing.assert_allclose(wn.sum(-1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(np.sort(wn, -1)[:, -1], 1.0, atol=1e-6)
+        np.testing.assert_allclose(np.sort(wn, -1)[:, :-1], 0.0, atol=1e-6)
+        # the hot index is the argmax of the matching soft sample
+        soft = arch.gumbel_softmax(jax.random.PRNGKey(seed), alpha, jnp.float32(5.0), hard=False)
+        np.testing.assert_array_equal(wn.argmax(-1), np.asarray(soft).argmax(-1))
+
+
+def test_gumbel_hard_straight_through_gradient(alpha):
+    target = jnp.arange(OPS, dtype=jnp.float32)
+
+    def loss(a, hard):
+        w = arch.gumbel_softmax(jax.random.PRNGKey(4), a, jnp.float32(1.0), hard=hard)
+        return jnp.sum(w * target)
+    g_hard = jax.grad(loss)(alpha, True)
+    g_soft = jax.grad(loss)(alpha, False)
+    chex.assert_tree_all_finite(g_hard)
+    assert float(jnp.max(jnp.abs(g_hard))) > 1e-3
+    chex.assert_trees_all_close(g_hard, g_soft, atol=1e-6)  # straight-through = the soft gradient
+
+
+def test_gumbel_sampling_follows_alpha():
+    a = jnp.zeros((1, 4)).at[0, 2].set(3.0)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+    idx = jax.vmap(lambda k: jnp.argmax(arch.gumbel_softmax(k, a, jnp.float32(1.0), True)[0]))(keys)
+    freq = np.bincount(np.asarray(idx), minlength=4) / 2000
+    expect = np.asarray(jax.nn.softmax(a[0]))  # argmax of Gumbel-perturbed logits ~ softmax(a)
+    np.testing.assert_allclose(freq, expect, atol=0.04)
+
+
+def test_arch_weights_modes(alpha):
+    tau = jnp.float32(2.0)
+    chex.assert_trees_all_close(arch.arch_weights(None, alpha, tau, "softmax"), jax.nn.softmax(alpha / tau, -1))
+    hard = arch.arch_weights(jax.random.PRNGKey(0), alpha, tau, "hard")
+    np.testing.assert_allclose(np.asarray(hard).max(-1), 1.0, atol=1e-6)
+
+
+def test_entropy_limits_and_stability():
+    n = OPS
+    uniform = jnp.zeros((1, n))
+    np.testing.assert_allclose(np.asarray(arch.entropy(uniform)), [math.log(n)], rtol=1e-6)
+    for big in (1e4, -1e4):
+        a = jnp.zeros((3, n)).at[:, 0].set(big)
+        e = arch.entropy(a)
+        chex.assert_tree_all_finite(e)
+        if big > 0:  # one logit far above the others: a peaked row, entropy ~ 0
+            np.testing.assert_allclose(np.asarray(e), 0.0, atol=1e-6)
+        else:  # one far below: uniform over the remaining n - 1
+            np.testing.assert_allclose(np.asarray(e), math.log(n - 1), rtol=1e-5)
+    mixed = jnp.array([[1e4, -1e4] + [0.0] * (n - 2), [0.0] * n])
+    e = arch.entropy(mixed)
+    chex.assert_tree_all_finite(e)
+    np.testing.assert_allclose(np.asarray(e), [0.0, math.log(n)], atol=1e-5)
+    g = jax.grad(lambda a: jnp.sum(arch.entropy(a)))(mixed)
+    chex.assert_tree_all_finite(g)
+    # jitted, and against the direct formula on a moderate row
+    a = jnp.array([[0.3, -1.2, 2.0, 0.0]])
+    p = np.asarray(jax.nn.softmax(a[0]))
+    np.testing.assert_allclose(np.asarray(jax.jit(arch.entropy)(a)), [-(p * np.log(p)).sum()], rtol=1e-5)
+
+
+def test_tau_schedule():
+    sched = arch.tau_schedule(5.0, 0.98, 0.1)
+    for n in (0, 1, 2, 10, 50, 150):
+        assert float(sched(n)) == pytest.approx(max(0.1, 5.0 * 0.98 ** n), rel=1e-5)
+    assert float(sched(1000)) == pytest.approx(0.1)  # the floor
+    n_floor = math.ceil(math.log(0.1 / 5.0) / math.log(0.98))  # 194
+    assert float(sched(n_floor - 1)) > 0.1 and float(sched(n_floor)) == pytest.approx(0.1)
+    assert float(jax.jit(sched)(jnp.int32(3))) == pytest.approx(5.0 * 0.98 ** 3, rel=1e-5)
+
+
+def test_derive_genotype_excludes_none():
+    ops = PRIMITIVES
+    a = jnp.zeros((3, len(ops)))
+    a = a.at[0, ops.index("none")].set(5.0).at[0, ops.index("sep_conv_3x3")].set(1.0)
+    a = a.at[1, ops.index("dil_conv_5x5")].set(2.0)
+    a = a.at[2, ops.index("none")].set(9.0).at[2, ops.index("max_pool_3x3")].set(0.5)
+    assert arch.derive_genotype(a, ops) == ["sep_conv_3x3", "dil_conv_5x5", "max_pool_3x3"]
+    assert arch.derive_genotype(a, ops, exclude_none=False) == ["none", "dil_conv_5x5", "none"]
+    assert arch.derive_genotype(jnp.zeros((1, 1)), ("none",)) == ["none"]  # nothing else to pick
+
+
+def test_genotype_roundtrip(tmp_path):
+    g = {"skeleton": "resnet", "ops": ["sep_conv_3x3", ["skip_connect", "max_pool_3x3"], "dil_conv_5x5"],
+         "op_set": list(PRIMITIVES), "stem_channels": 16, "num_classes": 10,
+         "blocks": [{"c_in": 16, "c_out": 16, "stride": 1}] * 3}
+    path = tmp_path / "genotype.json"
+    arch.save_genotype(path, g)
+    assert arch.load_genotype(path, PRIMITIVES) == g
+    text = path.read_text()
+    arch.save_genotype(path, g)
+    assert path.read_text() == text  # deterministic bytes
+    assert json.loads(text) == g
+
+
+def test_load_genotype_errors(tmp_path):
+    with pytest.raises(GenotypeError, match="not found"):
+        arch.load_genotype(tmp_path / "missing.json", PRIMITIVES)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(GenotypeError, match="not valid JSON"):
+        arch.load_genotype(bad, PRIMITIVES)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"ops": ["sep_conv_3x3", "conv_9x9"]}))
+    with pytest.raises(GenotypeError, match="conv_9x9"):
+        arch.load_genotype(unknown, PRIMITIVES)
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"ops": [["skip_connect", "warp_op"]]}))
+    with pytest.raises(GenotypeError, match="warp_op"):
+        arch.load_genotype(nested, PRIMITIVES)
+    no_ops = tmp_path / "no_ops.json"
+    no_ops.write_text(json.dumps({"skeleton": "resnet"}))
+    with pytest.raises(GenotypeError, match="ops"):
+        arch.load_genotype(no_ops, PRIMITIVES)
+    # GenotypeError is a ValueError with a one-line message
+    try:
+        arch.load_genotype(unknown, PRIMITIVES)
+    except GenotypeError as e:
+        assert isinstance(e, ValueError) and "\n" not in str(e)

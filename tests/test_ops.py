@@ -1,0 +1,202 @@
+"""Tests for asose_jax.ops: every primitive (and conv_3x3) at stride 1 and 2 in fp32 and bf16, the
+FactorizedReduce with odd C, the two depthwise formulations, and BatchNorm semantics. Small inputs, CPU."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asose_jax import ops
+from asose_jax.ops import OP_REGISTRY, PRIMITIVES
+
+ALL_OPS = PRIMITIVES + ("conv_3x3",)
+_DEFAULT_IMPL = ops.DEPTHWISE_IMPL["impl"]
+N, H, C = 2, 8, 6
+
+
+def _x(c=C, h=H, dtype=jnp.float32, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (N, h, h, c), jnp.float32).astype(dtype)
+
+
+@pytest.fixture
+def depthwise_impl():
+    """Set ``ops.DEPTHWISE_IMPL['impl']`` inside a test; always restored."""
+    saved = ops.DEPTHWISE_IMPL["impl"]
+
+    def set_impl(name):
+        ops.DEPTHWISE_IMPL["impl"] = name
+    yield set_impl
+    ops.DEPTHWISE_IMPL["impl"] = saved
+
+
+def test_registry_order_and_names():
+    assert PRIMITIVES == ("none", "avg_pool_3x3", "max_pool_3x3", "skip_connect", "sep_conv_3x3",
+                          "sep_conv_5x5", "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7")
+    assert set(ALL_OPS) == set(OP_REGISTRY)
+    assert "conv_3x3" not in PRIMITIVES
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_op_shape_dtype_grad(name, stride):
+    op = OP_REGISTRY[name]
+    params, stats = jax.jit(op.init, static_argnums=(1, 2))(jax.random.PRNGKey(1), C, stride)
+    for leaf in jax.tree.leaves(params):
+        assert leaf.dtype == jnp.float32  # fp32 master weights
+    expect = (N, H // stride, H // stride, C)
+
+    @jax.jit
+    def forward(p, x32):  # fp32 and bf16 input, train and eval mode, in one compile
+        outs = []
+        for x in (x32, x32.astype(jnp.bfloat16)):
+            y_train, new_stats = op.apply(p, stats, x, stride, True)
+            y_eval, _ = op.apply(p, stats, x, stride, False)
+            outs.append((y_train, y_eval, new_stats))
+        return outs
+
+    @jax.jit
+    def grads(p, x):
+        def loss(p_, x_):
+            y, _ = op.apply(p_, stats, x_, stride, True)
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+        return jax.grad(loss, argnums=(0, 1))(p, x)
+
+    x = _x()
+    for dtype, (y_train, y_eval, new_stats) in zip((jnp.float32, jnp.bfloat16), forward(params, x)):
+        for y in (y_train, y_eval):
+            chex.assert_shape(y, expect)
+            chex.assert_type(y, dtype)
+            chex.assert_tree_all_finite(y)
+        chex.assert_trees_all_equal_structs(new_stats, stats)
+        chex.assert_type(jax.tree.leaves(new_stats), jnp.float32)  # BN statistics stay fp32
+    gp, gx = grads(params, x)
+    chex.assert_trees_all_equal_shapes(gp, params)
+    chex.assert_tree_all_finite((gp, gx))
+    if name != "none":  # every other op passes signal back to its input
+        assert float(jnp.max(jnp.abs(gx))) > 0
+    for g in jax.tree.leaves(gp):  # every weight is used
+        assert float(jnp.max(jnp.abs(g))) > 0
+
+
+def test_param_counts_at_c8():
+    """Weights per op (bias-free convs, non-affine BN) at C=8, stride 1 / 2."""
+    c = 8
+    expect = {"none": (0, 0), "avg_pool_3x3": (0, 0), "max_pool_3x3": (0, 0), "skip_connect": (0, 2 * 8 * 4),
+              "sep_conv_3x3": (2 * (9 * c + c * c),) * 2, "sep_conv_5x5": (2 * (25 * c + c * c),) * 2,
+              "sep_conv_7x7": (2 * (49 * c + c * c),) * 2, "dil_conv_3x3": (9 * c + c * c,) * 2,
+              "dil_conv_5x5": (25 * c + c * c,) * 2, "conv_7x1_1x7": (2 * 7 * c * c,) * 2,
+              "conv_3x3": (9 * c * c,) * 2}
+    for name, (n1, n2) in expect.items():
+        for stride, n in ((1, n1), (2, n2)):
+            params, _ = jax.eval_shape(lambda k: OP_REGISTRY[name].init(k, c, stride), jax.random.PRNGKey(0))
+            assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) == n, (name, stride)
+
+
+def test_none_is_zero_and_subsamples():
+    x = _x()
+    y, _ = OP_REGISTRY["none"].apply({}, {}, x, 2, True)
+    chex.assert_shape(y, (N, H // 2, H // 2, C))
+    assert not np.any(np.asarray(y))
+
+
+def test_skip_identity_at_stride_1():
+    x = _x()
+    y, _ = OP_REGISTRY["skip_connect"].apply({}, {}, x, 1, True)
+    chex.assert_trees_all_equal(y, x)
+
+
+@pytest.mark.parametrize("c", [5, 7])
+def test_factorized_reduce_odd_channels(c):
+    params, stats = jax.jit(OP_REGISTRY["skip_connect"].init, static_argnums=(1, 2))(jax.random.PRNGKey(0), c, 2)
+    chex.assert_shape(params["conv1"], (1, 1, c, c // 2))
+    chex.assert_shape(params["conv2"], (1, 1, c, c - c // 2))
+    x = _x(c=c)
+    y, new = jax.jit(lambda p, s_, a: OP_REGISTRY["skip_connect"].apply(p, s_, a, 2, True))(params, stats, x)
+    chex.assert_shape(y, (N, H // 2, H // 2, c))
+    chex.assert_shape(new["bn"]["mean"], (c,))
+    # manual: ReLU, 1x1 stride-2 convs on x and on x shifted by one pixel, concat, BN (batch stats)
+    r = np.maximum(np.asarray(x), 0)
+    a = np.einsum("nhwc,cd->nhwd", r[:, ::2, ::2], np.asarray(params["conv1"][0, 0]))
+    b = np.einsum("nhwc,cd->nhwd", r[:, 1::2, 1::2], np.asarray(params["conv2"][0, 0]))
+    z = np.concatenate([a, b], -1)
+    ref = (z - z.mean((0, 1, 2))) / np.sqrt(z.var((0, 1, 2)) + ops.BN_EPS)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_avg_pool_count_include_pad_false():
+    x = jnp.ones((1, 4, 4, 1))
+    y = ops.avg_pool_3x3(x, 1)
+    np.testing.assert_allclose(np.asarray(y), 1.0, rtol=1e-6)  # corners average 4 values, not 9
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    y = ops.avg_pool_3x3(x, 1)
+    assert float(y[0, 0, 0, 0]) == pytest.approx((0 + 1 + 4 + 5) / 4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_depthwise_lax_vs_shift(depthwise_impl, k, dilation, stride):
+    x = _x(c=4, h=9 + stride)  # odd and even sizes
+    w = jax.random.normal(jax.random.PRNGKey(2), (k, k, 1, 4), jnp.float32)
+    outs = {}
+    for impl in ("lax", "shift"):
+        depthwise_impl(impl)
+        outs[impl] = jax.jit(ops.depthwise_conv, static_argnums=(2, 3))(x, w, stride, dilation)
+    chex.assert_equal_shape([outs["lax"], outs["shift"]])
+    np.testing.assert_allclose(np.asarray(outs["shift"]), np.asarray(outs["lax"]), atol=1e-4, rtol=1e-4)
+    # and against a direct numpy reference at one output pixel
+    pad = dilation * (k // 2)
+    xp = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    i, j = 1, 2
+    window = xp[:, i * stride: i * stride + dilation * (k - 1) + 1: dilation,
+                j * stride: j * stride + dilation * (k - 1) + 1: dilation, :]
+    ref = np.einsum("nabc,abc->nc", window, np.asarray(w[:, :, 0, :]))
+    np.testing.assert_allclose(np.asarray(outs["lax"][:, i, j]), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_depthwise_impl_fixture_restores():
+    """Runs after the parametrised cases above: the fixture put the module default back."""
+    assert ops.DEPTHWISE_IMPL["impl"] == _DEFAULT_IMPL
+
+
+def test_batch_norm_train_vs_eval():
+    x = 3.0 + 2.0 * _x(c=3)
+    stats = {"mean": jnp.array([0.5, -1.0, 0.0]), "var": jnp.array([1.0, 2.0, 4.0])}
+    y, new = ops.batch_norm(x, stats, train=True)
+    xn = np.asarray(x, np.float64)
+    mean = xn.mean((0, 1, 2))
+    var_biased = xn.var((0, 1, 2))
+    n = xn.shape[0] * xn.shape[1] * xn.shape[2]
+    var_unbiased = var_biased * n / (n - 1)
+    # train: normalise with the batch's biased variance
+    np.testing.assert_allclose(np.asarray(y), (xn - mean) / np.sqrt(var_biased + ops.BN_EPS), atol=1e-4)
+    # running stats: momentum 0.1 (PyTorch convention), unbiased variance
+    assert ops.BN_MOMENTUM == 0.1
+    np.testing.assert_allclose(np.asarray(new["mean"]), 0.9 * np.asarray(stats["mean"]) + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(new["var"]), 0.9 * np.asarray(stats["var"]) + 0.1 * var_unbiased,
+                               rtol=1e-5)
+    # eval: running statistics, unchanged
+    y_eval, same = ops.batch_norm(x, stats, train=False)
+    chex.assert_trees_all_equal(same, stats)
+    ref = (xn - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"]) + ops.BN_EPS)
+    np.testing.assert_allclose(np.asarray(y_eval), ref, atol=1e-4)
+    # affine variant and bf16 input: stats stay fp32, output in the input dtype
+    y_aff, new_bf = ops.batch_norm(x.astype(jnp.bfloat16), stats, True, jnp.full((3,), 2.0), jnp.full((3,), 1.0))
+    chex.assert_type(y_aff, jnp.bfloat16)
+    chex.assert_type(new_bf["mean"], jnp.float32)
+    np.testing.assert_allclose(np.asarray(y_aff, np.float32), 2 * np.asarray(y) + 1, atol=0.1)
+
+
+@pytest.mark.torch
+def test_batch_norm_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.array(1.5 + _x(c=4), np.float32)
+    bn = torch.nn.BatchNorm2d(4, affine=False, momentum=0.1, eps=1e-5)
+    bn.train()
+    ref = bn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+    y, new = ops.batch_norm(jnp.asarray(x), ops.bn_stats_init(4), True)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new["mean"]), bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new["var"]), bn.running_var.numpy(), rtol=1e-5, atol=1e-6)

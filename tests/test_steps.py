@@ -1,0 +1,300 @@
+"""Tests for asose_jax.steps: what weight_step and arch_step change, that training lowers the loss, the
+LR schedule against PyTorch's CosineAnnealingWarmRestarts, the soft clip, and torch-like optimizer
+semantics (L2 weight decay added to the gradient). Tiny net (C0=8, L=3, 4 ops, batch 16), CPU."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from asose_jax import model, steps
+from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig, OptimConfig
+from asose_jax.data import synthetic_cifar
+
+OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+B, SPE = 16, 4
+
+
+def tiny_cfg(**mixed) -> Config:
+    return Config(model=ModelConfig(skeleton="resnet", init_channels=8, num_layers=3, ops=OPS),
+                  mixed_op=MixedOpConfig(**{"mode": "single", **mixed}),
+                  data=DataConfig(source="synthetic", batch_size=B, crop=False, flip=False))
+
+
+def make_state(spec, cfg, seed=0):
+    return jax.jit(steps.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(seed), spec, cfg, SPE)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, _ = synthetic_cifar(B * SPE, 16, seed=0)
+    return jnp.asarray(train.images), jnp.asarray(train.labels)
+
+
+@pytest.fixture(scope="module")
+def switch_steps():
+    """Compiled steps of the tiny net in `single` mode with in-program `lax.switch` dispatch."""
+    cfg = tiny_cfg(dispatch="switch")
+    spec = model.build_spec("resnet", 8, 3, OPS)
+    return spec, cfg, steps.make_steps(spec, cfg, SPE)
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def changed(a, b) -> bool:
+    return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def chosen_ops(choice) -> list[int]:
+    """Per-row op index of a `single`-mode choice (switch: ``[rows, 1]``; host dispatch: ``{"idx": [rows]}``)."""
+    idx = choice["idx"] if isinstance(choice, dict) else np.asarray(choice)[:, 0]
+    return [int(i) for i in np.asarray(idx)]
+
+
+@pytest.fixture(scope="module", params=["switch", "host"])
+def trajectory(request, data, switch_steps):
+    """One weight step then one arch step from a fresh state, for each single-mode dispatch; host copies
+    of the state before and after each step (the device state is donated)."""
+    if request.param == "switch":
+        spec, cfg, S = switch_steps
+    else:  # host dispatch keeps host-side mirrors of the state: a fresh Steps for a fresh state
+        cfg = tiny_cfg(dispatch=request.param)
+        spec = model.build_spec("resnet", 8, 3, OPS)
+        S = steps.make_steps(spec, cfg, SPE)
+    x, y = data
+    perm = jnp.arange(B * SPE, dtype=jnp.int32).reshape(SPE, B)
+    state = make_state(spec, cfg)
+    # `none` can't be drawn, so every row's straight-through gradient is non-zero
+    state = state.replace(alpha=state.alpha.at[:, OPS.index("none")].set(-30.0))
+    s0 = host(state)
+    c_w = S.sample(state)
+    state = S.weight_step(state, x, y, perm, 0, c_w)
+    s1 = host(state)
+    c_a = S.sample(state)
+    state = S.arch_step(state, x, y, perm, 1, c_a)
+    s2 = host(state)
+    return {"spec": spec, "cfg": cfg, "states": (s0, s1, s2), "choices": (c_w, c_a)}
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+def test_weight_step_changes_params_not_alpha(trajectory):
+    before, after, _ = trajectory["states"]
+    choice = trajectory["choices"][0]
+    assert len(chosen_ops(choice)) == trajectory["spec"].num_rows
+    assert changed(before.params, after.params)
+    assert changed(before.batch_stats, after.batch_stats)
+    chex.assert_trees_all_equal(after.alpha, before.alpha)
+    chex.assert_trees_all_equal(after.a_opt, before.a_opt)
+    assert int(after.step) == 1 and int(after.arch_epochs) == 0
+    assert int(after.sums["count"]) == B and math.isfinite(float(after.sums["loss"]))
+    # only the sampled op of each row got a gradient: the others move at most by the L2 decay term
+    # (first step: momentum buffer = wd * p), or not at all where the optimizer skips them
+    decay = float(steps.cosine_warm_restarts(0.025, 50, 2, 1e-6)(0)) * trajectory["cfg"].optim.weight_decay
+    for r, (block, op) in enumerate(zip(after.params["blocks"], chosen_ops(choice))):
+        assert OPS[op] != "none"
+        for name in OPS:
+            old_p, new_p = before.params["blocks"][r]["paths"][0][name], block["paths"][0][name]
+            for a, b in zip(jax.tree.leaves(old_p), jax.tree.leaves(new_p)):
+                step_size = np.abs(b - a)
+                if name == OPS[op]:
+                    assert np.any(step_size > 10 * decay * np.abs(a) + 1e-7), (r, name)
+                else:
+                    np.testing.assert_array_less(step_size, (decay * 1.001 + 4e-7) * np.abs(a) + 1e-12)  # + fp32 rounding
+            stats_moved = changed(before.batch_stats["blocks"][r]["paths"][0][name],
+                                  after.batch_stats["blocks"][r]["paths"][0][name])
+            assert not stats_moved or name == OPS[op], (r, name, OPS[op])
+
+
+def test_arch_step_changes_alpha_not_params(trajectory):
+    _, before, after = trajectory["states"]
+    assert changed(before.alpha, after.alpha)
+    assert np.all(np.any(after.alpha != before.alpha, axis=-1))  # every row moved: dL/dalpha != 0 in single mode
+    chex.assert_trees_all_equal(after.params, before.params)
+    chex.assert_trees_all_equal(after.w_opt, before.w_opt)
+    assert int(after.step) == 2
+    assert np.all(np.isfinite(after.alpha))
+
+
+def test_sample_uses_the_steps_key(switch_steps):
+    spec, cfg, S = switch_steps
+    state = make_state(spec, cfg)
+    a, b = S.sample(state), S.sample(state)
+    chex.assert_trees_all_equal(a, b)  # deterministic in (key, step)
+    chex.assert_shape(a, (spec.num_rows, 1))
+    draws = {tuple(np.asarray(S.sample(state.replace(step=jnp.int32(s)))).ravel()) for s in range(12)}
+    assert len(draws) > 1  # and it varies with the step
+
+
+def test_loss_decreases_on_a_fixed_batch(switch_steps, data):
+    """20 weight steps on one fixed batch of synthetic data. alpha strongly favours sep_conv_3x3, so the
+    sampled path is the same every step and the loss curve has no sampling noise."""
+    spec, cfg, S = switch_steps
+    x, y = data
+    perm = jnp.zeros((SPE, B), jnp.int32) + jnp.arange(B, dtype=jnp.int32)  # the same batch in every row
+    state = make_state(spec, cfg)
+    state = state.replace(alpha=state.alpha.at[:, OPS.index("sep_conv_3x3")].set(30.0))
+    losses = []
+    for i in range(20):
+        state = state.replace(sums=steps.zero_sums())
+        choice = S.sample(state)
+        assert set(chosen_ops(choice)) == {OPS.index("sep_conv_3x3")}
+        state = S.weight_step(state, x, y, perm, i % SPE, choice)  # perm's shape as compiled above
+        losses.append(float(state.sums["loss"]) / B)
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_evaluate_pads_the_last_batch(switch_steps, data):
+    spec, cfg, S = switch_steps
+    x, y = data
+    state = make_state(spec, cfg)
+    full = steps.evaluate(S, state, x[:48], y[:48], batch_size=48)
+    padded = steps.evaluate(S, state, x[:48], y[:48], batch_size=20)  # 20 + 20 + 8 (padded)
+    assert full["acc"] == pytest.approx(padded["acc"])
+    assert full["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    assert 0.0 <= full["acc"] <= 100.0
+
+
+# ---------------------------------------------------------------------------------------------- schedules, clip
+
+# torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(SGD(lr=0.025), T_0=50, T_mult=2, eta_min=1e-6),
+# get_last_lr() after `epoch` scheduler steps (torch 2.13.0)
+EPOCHS = (0, 1, 10, 25, 49, 50, 51, 100, 149, 150, 151, 200, 349, 350)
+
+
+def torch_cosine_reference() -> dict[int, float]:
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.025)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=50, T_mult=2, eta_min=1e-6)
+    out = {}
+    for e in range(max(EPOCHS) + 1):
+        if e in EPOCHS:
+            out[e] = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+    return out
+
+
+def closed_form_reference(e: int) -> float:
+    """The same values from the documented formula (used when torch is missing)."""
+    t0, i = 50, 0
+    while e >= t0 * 2 ** i:
+        e -= t0 * 2 ** i
+        i += 1
+    return 1e-6 + (0.025 - 1e-6) * (1 + math.cos(math.pi * e / (t0 * 2 ** i))) / 2
+
+
+def test_cosine_warm_restarts_matches_torch():
+    lr = steps.cosine_warm_restarts(0.025, 50, 2, 1e-6)
+    try:
+        ref = torch_cosine_reference()
+    except pytest.skip.Exception:
+        ref = {e: closed_form_reference(e) for e in EPOCHS}
+    for e in EPOCHS:
+        assert float(lr(e)) == pytest.approx(ref[e], rel=1e-4, abs=1e-8), e
+        assert closed_form_reference(e) == pytest.approx(ref[e], rel=1e-6, abs=1e-10), e
+    assert float(lr(50)) == pytest.approx(0.025, rel=1e-5)  # restart
+    assert float(lr(49)) < 1e-4  # end of the first period
+    lr1 = steps.cosine_warm_restarts(0.1, 10, 1, 0.0)  # t_mult == 1: plain periodic restarts
+    assert float(lr1(10)) == pytest.approx(0.1) and float(lr1(5)) == pytest.approx(0.05, rel=1e-5)
+
+
+def test_soft_clip_formula():
+    tx = steps.soft_clip(5.0)
+    g = {"a": jnp.array([30.0, 40.0]), "b": jnp.zeros((2, 2))}  # global norm 50
+    out, _ = tx.update(g, tx.init(g))
+    norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(v))) for v in jax.tree.leaves(out))))
+    assert norm == pytest.approx(5.0 + 0.1 * (50.0 - 5.0), rel=1e-5)  # 9.5
+    np.testing.assert_allclose(np.asarray(out["a"]), np.array([30.0, 40.0]) * 9.5 / 50.0, rtol=1e-5)
+    small = {"a": jnp.array([3.0, 0.0]), "b": jnp.ones((2, 2))}  # norm sqrt(13) < 5: unchanged
+    out, _ = tx.update(small, tx.init(small))
+    chex.assert_trees_all_close(out, small)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer semantics
+
+def _sgd_reference(p, grads, lrs, momentum, wd):
+    """torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d (buf = d at first); p -= lr * buf."""
+    buf = None
+    for g, lr in zip(grads, lrs):
+        d = g + wd * p
+        buf = d if buf is None else momentum * buf + d
+        p = p - lr * buf
+    return p
+
+
+def test_weight_optimizer_is_torch_sgd_with_l2():
+    cfg = dataclasses.replace(tiny_cfg(), optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.05,
+                                                            clip_norm=1e6, t0_epochs=2, t_mult=2, min_lr=1e-3))
+    spe = 3
+    tx = steps.weight_optimizer(cfg, spe)
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(4).astype(np.float32)
+    grads = [rng.standard_normal(4).astype(np.float32) for _ in range(10)]
+    p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+    for g in grads:
+        u, state = tx.update(jnp.asarray(g), state, p)
+        p = optax.apply_updates(p, u)
+    sched = steps.cosine_warm_restarts(0.1, 2, 2, 1e-3)
+    lrs = [float(sched(i // spe)) for i in range(10)]  # constant within an epoch, stepped per epoch
+    assert lrs[:6] == [lrs[0]] * 3 + [lrs[3]] * 3 and lrs[3] < lrs[0] and lrs[6] == lrs[0]  # restart at epoch 2
+    np.testing.assert_allclose(np.asarray(p), _sgd_reference(p0, grads, lrs, 0.9, 0.05), rtol=1e-5, atol=1e-6)
+    torch = pytest.importorskip("torch")
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=0.05)
+    sch = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2, eta_min=1e-3)
+    for i, g in enumerate(grads):
+        tp.grad = torch.tensor(g)
+        opt.step()
+        if (i + 1) % spe == 0:
+            sch.step()
+    np.testing.assert_allclose(np.asarray(p), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_arch_optimizer_is_torch_adam_with_l2():
+    cfg = tiny_cfg()
+    a = cfg.arch
+    tx = steps.arch_optimizer(cfg)
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal((2, 3)).astype(np.float32)
+    grads = [rng.standard_normal((2, 3)).astype(np.float32) for _ in range(5)]
+    p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+    for g in grads:
+        u, state = tx.update(jnp.asarray(g), state, p)
+        p = optax.apply_updates(p, u)
+    # torch.optim.Adam (not AdamW): d = g + wd * p, then the usual bias-corrected Adam step
+    ref, m, v = p0.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        d = g + a.weight_decay * ref
+        m = a.b1 * m + (1 - a.b1) * d
+        v = a.b2 * v + (1 - a.b2) * d * d
+        ref = ref - a.lr * (m / (1 - a.b1 ** t)) / (np.sqrt(v / (1 - a.b2 ** t)) + 1e-8)
+    np.testing.assert_allclose(np.asarray(p), ref, rtol=1e-5, atol=1e-7)
+    torch = pytest.importorskip("torch")
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    opt = torch.optim.Adam([tp], lr=a.lr, betas=(a.b1, a.b2), weight_decay=a.weight_decay)
+    for g in grads:
+        tp.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(np.asarray(p), tp.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_clipping_applies_before_weight_decay():
+    """clip (global norm 5) acts on the raw gradient; the L2 term is added after it, as in torch's
+    clip_grad_norm_ followed by SGD(weight_decay=...)."""
+    cfg = dataclasses.replace(tiny_cfg(), optim=OptimConfig(lr=1.0, momentum=0.0, weight_decay=0.5, clip_norm=5.0,
+                                                            schedule="constant"))
+    tx = steps.weight_optimizer(cfg, 1)
+    p = jnp.array([1.0, 1.0])
+    g = jnp.array([30.0, 40.0])
+    u, _ = tx.update(g, tx.init(p), p)
+    np.testing.assert_allclose(np.asarray(u), -(np.array([3.0, 4.0]) + 0.5 * np.array([1.0, 1.0])), rtol=1e-5)
