@@ -1,4 +1,4 @@
-"""A <= 2-minute CPU smoke run on synthetic data: tiny `original`-style net, 2 short cycles with growth
+"""A <= 2-minute CPU smoke run on synthetic data: a tiny `resnet` net, 3 short cycles with growth
 (kinds in turn), every output file written. Used by the tests and `make smoke`."""
 from dataclasses import replace
 
@@ -15,7 +15,7 @@ def get_config() -> Config:
                           ops=("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")),
         data=DataConfig(source="synthetic", synthetic_train=768, synthetic_test=256, arch_val_size=256,
                         batch_size=64),
-        cycle=CycleConfig(max_cycles=2, warmup_epochs=1, weight_epochs=1, arch_epochs=1, retrain_epochs=1,
+        cycle=CycleConfig(max_cycles=3, warmup_epochs=1, weight_epochs=1, arch_epochs=1, retrain_epochs=1,
                           early_stop_cycles=0),
         growth=GrowthConfig(every=2, strategy="cycle", widen_factor=1.5),
         final=FinalConfig(enabled=False, epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5),
