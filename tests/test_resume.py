@@ -3,7 +3,7 @@ command ends with the same ``genotype.json`` (byte for byte), the same ``metrics
 bit, timing fields excepted) and the same ``result.json`` figures as an uninterrupted run.
 
 The end-to-end runs are subprocesses of ``python -m asose_jax.search --preset smoke --set growth.every=1``
-(growth in both cycles: deepen in cycle 1, widen in cycle 2) on CPU, sharing one persistent XLA cache per
+(growth in every cycle: deepen in cycle 1, widen in cycle 2, branch in cycle 3) on CPU, sharing one persistent XLA cache per
 test session so that only the first run compiles. A few in-process tests at the end check the checkpoint
 round trip itself (values, dtypes, optimizer NamedTuples, grown specs) and that a NaN state is never saved.
 
@@ -137,7 +137,8 @@ def reference(xla_cache, tmp_path_factory) -> Path:
     run_search(xla_cache, workdir)
     assert (workdir / "genotype.json").is_file()
     growths = [r for r in metrics_rows(workdir) if r.get("event") == "growth"]
-    assert [g["cycle"] for g in growths] == [1, 2], "the smoke preset with growth.every=1 must grow in both cycles"
+    assert [g["cycle"] for g in growths] == [1, 2, 3], "the smoke preset with growth.every=1 must grow every cycle"
+    assert [g["kind"] for g in growths] == ["deepen", "widen", "branch"]
     return workdir
 
 
