@@ -104,15 +104,18 @@ def init_path(key: jax.Array, ops, c: int, stride: int) -> tuple[dict, dict]:
     return params, stats
 
 
+def init_conv_bn(key: jax.Array, k: int, c_in: int, c_out: int) -> tuple[dict, dict]:
+    """A k x k conv with an affine BN (the stem and the input convs): params and BN stats."""
+    params = {"w": conv_init(key, k, k, c_in, c_out), "scale": jnp.ones((c_out,)), "bias": jnp.zeros((c_out,))}
+    return params, bn_stats_init(c_out)
+
+
 def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec) -> tuple[dict, dict]:
     k_in, k_paths = jax.random.split(key)
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     if block.input_conv:
-        k = block.input_conv
-        params["input_conv"] = {"w": conv_init(k_in, k, k, block.c_in, block.c_out),
-                                "scale": jnp.ones((block.c_out,)), "bias": jnp.zeros((block.c_out,))}
-        stats["input_conv"] = bn_stats_init(block.c_out)
+        params["input_conv"], stats["input_conv"] = init_conv_bn(k_in, block.input_conv, block.c_in, block.c_out)
     paths = [init_path(k, spec.ops, block.c_out, block.op_stride) for k in jax.random.split(k_paths, block.n_paths)]
     params["paths"] = [p for p, _ in paths]
     stats["paths"] = [s for _, s in paths]
@@ -125,9 +128,8 @@ def init_network(key: jax.Array, spec: NetSpec) -> tuple[dict, dict]:
     """Weights and BN running statistics of the whole supernet."""
     k_stem, k_blocks, k_head_w, k_head_b = jax.random.split(key, 4)
     c0, c_last = spec.stem_channels, spec.blocks[-1].c_out
-    params = {"stem": {"w": conv_init(k_stem, 3, 3, spec.in_channels, c0),
-                       "scale": jnp.ones((c0,)), "bias": jnp.zeros((c0,))}}
-    stats = {"stem": bn_stats_init(c0)}
+    stem_params, stem_stats = init_conv_bn(k_stem, 3, spec.in_channels, c0)
+    params, stats = {"stem": stem_params}, {"stem": stem_stats}
     blocks = [init_block(k, spec, b) for k, b in zip(jax.random.split(k_blocks, len(spec.blocks)), spec.blocks)]
     params["blocks"] = [p for p, _ in blocks]
     stats["blocks"] = [s for _, s in blocks]

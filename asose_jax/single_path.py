@@ -28,7 +28,8 @@ import optax
 from asose_jax.config import Config
 from asose_jax.data import augment_batch
 from asose_jax.model import NetSpec, apply_block, conv_bn_relu
-from asose_jax.steps import TrainState, arch_optimizer, compute_dtype, cross_entropy, weight_optimizer
+from asose_jax.steps import (TrainState, add_to_sums, arch_optimizer, compute_dtype, cross_entropy,
+                             weight_optimizer)
 
 
 def gumbel_noise(seed: int, step: int, shape: tuple[int, int]) -> np.ndarray:
@@ -113,15 +114,13 @@ class SinglePathSteps:
 
     def _weight_update(self, state: TrainState, grads, stats, loss, correct, batch):
         updates, w_opt = self.w_tx.update(grads, state.w_opt, state.params)
-        sums = {"loss": state.sums["loss"] + loss * batch, "correct": state.sums["correct"] + correct,
-                "count": state.sums["count"] + batch}
+        sums = add_to_sums(state.sums, loss, correct, batch)
         return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats, w_opt=w_opt,
                              step=state.step + 1, sums=sums)
 
     def _arch_update(self, state: TrainState, g_alpha, stats, loss, correct, batch):
         updates, a_opt = self.a_tx.update(g_alpha, state.a_opt, state.alpha)
-        sums = {"loss": state.sums["loss"] + loss * batch, "correct": state.sums["correct"] + correct,
-                "count": state.sums["count"] + batch}
+        sums = add_to_sums(state.sums, loss, correct, batch)
         return state.replace(alpha=optax.apply_updates(state.alpha, updates), batch_stats=stats, a_opt=a_opt,
                              step=state.step + 1, sums=sums)
 

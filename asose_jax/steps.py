@@ -44,6 +44,12 @@ def zero_sums() -> dict:
     return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32), "count": jnp.zeros((), jnp.int32)}
 
 
+def add_to_sums(sums: dict, mean_loss, correct, count: int) -> dict:
+    """The epoch's running sums after one batch of ``count`` examples."""
+    return {"loss": sums["loss"] + mean_loss * count, "correct": sums["correct"] + correct,
+            "count": sums["count"] + count}
+
+
 # ---------------------------------------------------------------------------------------------- optimizers
 
 def cosine_warm_restarts(base_lr: float, t0: int, t_mult: int, min_lr: float) -> Callable:
@@ -160,9 +166,7 @@ def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
         return apply_network(spec, params, stats, x, sel, mo.mode, train, cfg.remat, dtype)
 
     def accumulate(sums, loss, logits, y):
-        return {"loss": sums["loss"] + loss * y.shape[0],
-                "correct": sums["correct"] + jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
-                "count": sums["count"] + y.shape[0]}
+        return add_to_sums(sums, loss, jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32), y.shape[0])
 
     def weight_step(state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
         x, y, k_arch = batch_and_keys(state, x_all, y_all, perm, i)
@@ -209,18 +213,24 @@ def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
                  tau=tau_fn)
 
 
-def evaluate(steps: Steps, state: TrainState, images, labels, batch_size: int = 1000) -> dict[str, float]:
-    """Mean loss and accuracy (%) over a whole split (device arrays), in fixed order."""
+def padded_batches(images, labels, batch_size: int):
+    """Fixed-order batches ``(x, y, mask)`` of one compiled shape; the last is zero-padded, mask False there."""
     n = int(images.shape[0])
     bs = min(batch_size, n)
-    loss, correct = 0.0, 0
     for start in range(0, n, bs):
         xb, yb = images[start:start + bs], labels[start:start + bs]
         m = xb.shape[0]
-        mask = jnp.arange(bs) < m
-        if m < bs:  # pad the last batch to the compiled shape
+        if m < bs:
             xb = jnp.concatenate([xb, jnp.zeros((bs - m,) + xb.shape[1:], xb.dtype)])
             yb = jnp.concatenate([yb, jnp.zeros((bs - m,), yb.dtype)])
+        yield xb, yb, jnp.arange(bs) < m
+
+
+def evaluate(steps: Steps, state: TrainState, images, labels, batch_size: int = 1000) -> dict[str, float]:
+    """Mean loss and accuracy (%) over a whole split (device arrays), in fixed order."""
+    n = int(images.shape[0])
+    loss, correct = 0.0, 0
+    for xb, yb, mask in padded_batches(images, labels, batch_size):
         l, c = steps.eval_batch(state, xb, yb, mask)
         loss += float(l)
         correct += int(c)

@@ -49,9 +49,9 @@ import optax
 from asose_jax.arch import GenotypeError, load_genotype
 from asose_jax.config import Config, ConfigError
 from asose_jax.data import Dataset, augment_batch, epoch_permutation, normalize
-from asose_jax.model import conv_bn_relu, count_params
-from asose_jax.ops import OP_REGISTRY, bn_stats_init, conv_init
-from asose_jax.steps import compute_dtype, cross_entropy
+from asose_jax.model import conv_bn_relu, count_params, init_conv_bn
+from asose_jax.ops import OP_REGISTRY
+from asose_jax.steps import compute_dtype, cross_entropy, padded_batches
 
 logger = logging.getLogger("asose_jax")
 LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)
@@ -154,19 +154,16 @@ def init_derived(key: jax.Array, spec: DerivedSpec, path_scale_init: float = 1.0
     """Weights and BN statistics: stem, per block (input conv, one op per path, path scales), head."""
     k_stem, k_blocks, k_head_w, k_head_b = jax.random.split(key, 4)
     c0 = spec.stem_channels
-    params: dict[str, Any] = {"stem": {"w": conv_init(k_stem, 3, 3, spec.in_channels, c0),
-                                       "scale": jnp.ones((c0,)), "bias": jnp.zeros((c0,))}}
-    stats: dict[str, Any] = {"stem": bn_stats_init(c0)}
+    stem_params, stem_stats = init_conv_bn(k_stem, 3, spec.in_channels, c0)
+    params: dict[str, Any] = {"stem": stem_params}
+    stats: dict[str, Any] = {"stem": stem_stats}
     params["blocks"], stats["blocks"] = [], []
     for block, kb in zip(spec.blocks, jax.random.split(k_blocks, len(spec.blocks))):
         k_in, k_paths = jax.random.split(kb)
         bp: dict[str, Any] = {}
         bs: dict[str, Any] = {}
         if block.input_conv:
-            k = block.input_conv
-            bp["input_conv"] = {"w": conv_init(k_in, k, k, block.c_in, block.c_out),
-                                "scale": jnp.ones((block.c_out,)), "bias": jnp.zeros((block.c_out,))}
-            bs["input_conv"] = bn_stats_init(block.c_out)
+            bp["input_conv"], bs["input_conv"] = init_conv_bn(k_in, block.input_conv, block.c_in, block.c_out)
         paths = [OP_REGISTRY[op].init(kp, block.c_out, block.op_stride)
                  for op, kp in zip(block.ops, jax.random.split(k_paths, len(block.ops)))]
         bp["paths"], bs["paths"] = [p for p, _ in paths], [s for _, s in paths]
@@ -315,15 +312,8 @@ def make_final_steps(spec: DerivedSpec, cfg: Config, steps_per_epoch: int) -> Fi
 def evaluate_tta(steps: FinalSteps, params, stats, images, labels, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
     """Test accuracy (%) without and with flip-TTA over a whole split (device arrays), fixed order."""
     n = int(images.shape[0])
-    bs = min(batch_size, n)
     plain = tta = 0
-    for start in range(0, n, bs):
-        xb, yb = images[start:start + bs], labels[start:start + bs]
-        m = xb.shape[0]
-        mask = jnp.arange(bs) < m
-        if m < bs:  # pad the last batch to the compiled shape
-            xb = jnp.concatenate([xb, jnp.zeros((bs - m,) + xb.shape[1:], xb.dtype)])
-            yb = jnp.concatenate([yb, jnp.zeros((bs - m,), yb.dtype)])
+    for xb, yb, mask in padded_batches(images, labels, batch_size):
         p, t = steps.eval_batch(params, stats, xb, yb, mask)
         plain += int(p)
         tta += int(t)
