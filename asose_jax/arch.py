@@ -8,7 +8,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from asose_jax.ops import PARAMETER_FREE
 
 
 class GenotypeError(ValueError):
@@ -58,12 +61,25 @@ def tau_schedule(tau_init: float, decay: float, tau_min: float) -> optax.Schedul
     return optax.exponential_decay(tau_init, transition_steps=1, decay_rate=decay, end_value=tau_min)
 
 
-def derive_genotype(alpha, ops: tuple[str, ...], exclude_none: bool = True) -> list[str]:
-    """argmax op name per row (``none`` skipped when ``exclude_none`` and another op exists)."""
-    a = jnp.asarray(alpha)
+def derive_genotype(alpha, ops: tuple[str, ...], exclude_none: bool = True,
+                    max_parameter_free: int = -1) -> list[str]:
+    """argmax op name per row (``none`` skipped when ``exclude_none`` and another op exists).
+
+    ``max_parameter_free >= 0`` caps the rows that pick a parameter-free op (none, pools, skip): the rows
+    whose parameter-free choice leads its best parametric op by the smallest logit margin switch to
+    that op (a collapse guard, as in DARTS-style searches)."""
+    a = np.array(alpha, dtype=np.float64)
     if exclude_none and "none" in ops and len(ops) > 1:
-        a = a.at[:, ops.index("none")].set(-jnp.inf)
-    return [ops[int(i)] for i in jnp.argmax(a, axis=-1)]
+        a[:, ops.index("none")] = -np.inf
+    choice = np.argmax(a, axis=-1)
+    free = np.array([op in PARAMETER_FREE for op in ops])
+    if max_parameter_free >= 0 and not free.all():
+        rows = [r for r in range(a.shape[0]) if free[choice[r]]]
+        best_param = {r: int(np.argmax(np.where(free, -np.inf, a[r]))) for r in rows}
+        rows.sort(key=lambda r: a[r, choice[r]] - a[r, best_param[r]], reverse=True)
+        for r in rows[max_parameter_free:]:
+            choice[r] = best_param[r]
+    return [ops[int(i)] for i in choice]
 
 
 def save_genotype(path: str | Path, genotype: dict) -> None:

@@ -57,6 +57,7 @@ class ArchConfig:
     tau_min: float = 0.1
     hard: bool = True  # hard (one-hot forward, straight-through) Gumbel samples
     genotype_exclude_none: bool = True
+    max_parameter_free: int = -1  # cap on parameter-free ops (none/pools/skip) in the genotype; -1 = no cap
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,7 @@ def validate(cfg: Config) -> Config:
     _check(a.tau_init > 0 and 0 < a.tau_decay <= 1 and 0 < a.tau_min <= a.tau_init, "arch.tau_*",
            "tau_init > 0, 0 < tau_decay <= 1, 0 < tau_min <= tau_init", (a.tau_init, a.tau_decay, a.tau_min))
     _check(a.init_scale >= 0, "arch.init_scale", ">= 0", a.init_scale)
+    _check(a.max_parameter_free >= -1, "arch.max_parameter_free", ">= 0, or -1 for no cap", a.max_parameter_free)
     sources = ("auto", "dir", "tfds", "download", "synthetic")
     _check(d.source in sources, "data.source", " | ".join(sources), d.source)
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)

@@ -212,7 +212,7 @@ class Run:
                "params": count_params(self.state.params)}
         if arch_phase:
             self.state = self.state.replace(arch_epochs=self.state.arch_epochs + 1)
-            row["op_probs"] = np.asarray(jnp.mean(jax.nn.softmax(self.state.alpha, -1), 0)).round(5).tolist()
+        row["op_probs"] = np.asarray(jnp.mean(jax.nn.softmax(self.state.alpha, -1), 0)).round(5).tolist()
         if self.cfg.cycle.eval_every_epoch or task.epoch + 1 == self._phase_len(task.phase):
             ev = evaluate(self.steps, self.state, self.x_val, self.y_val)
             row.update(val_loss=ev["loss"], val_acc=ev["acc"])
@@ -276,7 +276,8 @@ class Run:
         return False
 
     def genotype(self) -> dict:
-        rows = arch.derive_genotype(self.state.alpha, self.spec.ops, self.cfg.arch.genotype_exclude_none)
+        rows = arch.derive_genotype(self.state.alpha, self.spec.ops, self.cfg.arch.genotype_exclude_none,
+                                    self.cfg.arch.max_parameter_free)
         ops, offsets = [], self.spec.row_offsets()
         for block, off in zip(self.spec.blocks, offsets):
             ops.append(rows[off] if block.n_paths == 1 else rows[off:off + block.n_paths])

@@ -165,3 +165,14 @@ def test_load_genotype_errors(tmp_path):
         arch.load_genotype(unknown, PRIMITIVES)
     except GenotypeError as e:
         assert isinstance(e, ValueError) and "\n" not in str(e)
+
+
+def test_parameter_free_cap_switches_the_weakest_rows():
+    ops = ("none", "skip_connect", "max_pool_3x3", "sep_conv_3x3", "dil_conv_3x3")
+    a = jnp.array([[0.0, 5.0, 0.0, 4.9, 0.0],    # skip leads sep3 by 0.1 -> first to switch
+                   [0.0, 0.0, 6.0, 1.0, 2.0],    # max pool leads dil3 by 4.0 -> kept
+                   [0.0, 0.0, 0.0, 3.0, 0.0]])   # already parametric
+    assert arch.derive_genotype(a, ops) == ["skip_connect", "max_pool_3x3", "sep_conv_3x3"]
+    assert arch.derive_genotype(a, ops, max_parameter_free=1) == ["sep_conv_3x3", "max_pool_3x3", "sep_conv_3x3"]
+    assert arch.derive_genotype(a, ops, max_parameter_free=0) == ["sep_conv_3x3", "dil_conv_3x3", "sep_conv_3x3"]
+    assert arch.derive_genotype(a, ops, max_parameter_free=-1) == arch.derive_genotype(a, ops)
