@@ -7,10 +7,14 @@ order comes from ``(seed, epoch_id)`` and per-step randomness from ``fold_in(key
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,31 @@ from asose_jax.steps import PHASES, create_train_state, evaluate, make_steps, ze
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)
+
+
+class _Flag:
+    requested = False
+
+
+@contextlib.contextmanager
+def ctrl_c_flag():
+    """While active, a first Ctrl-C only sets ``flag.requested`` (the loop stops at the next step boundary
+    with KeyboardInterrupt, from Python code, so no C++ call can swallow it); a second one interrupts at once."""
+    flag = _Flag()
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class DivergenceError(RuntimeError):
@@ -85,6 +114,7 @@ class Run:
         self.metrics: list[dict] = []
         self.task_index, self.step_in_epoch = 0, 0
         self.alpha_history: list[dict] = []
+        self._interrupt = None  # set by execute(): Ctrl-C stops at the next step boundary
         self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
         self.config_hash = resume_hash(cfg)  # what must match to resume (checkpoint.*, data.dir, resume.* excluded)
         self.wall_offset = 0.0
@@ -189,6 +219,9 @@ class Run:
         for i in range(self.step_in_epoch, n_steps):
             self.state = step_fn(self.state, x, y, perm, i, self.steps.sample(self.state))
             self.step_in_epoch = i + 1
+            if self._interrupted():  # Ctrl-C: keep this step's state, then stop
+                self.save()
+                raise KeyboardInterrupt
             if (i + 1) % LOG_EVERY == 0 or i + 1 == n_steps:
                 sums = jax.device_get(self.state.sums)
                 self._check_finite(sums, task)
@@ -289,21 +322,30 @@ class Run:
     def execute(self) -> dict:
         """Run (or finish) every task; returns the final arch-val and test figures."""
         try:
-            while self.task_index < len(self.tasks):
-                task = self.tasks[self.task_index]
-                stop = False
-                if task.kind == "epoch":
-                    self.run_epoch(task)
-                elif task.kind == "grow":
-                    self.run_grow(task)
-                else:
-                    stop = self.run_cycle_end(task)
-                self.task_index = len(self.tasks) if stop else self.task_index + 1
-                self.save()
+            with ctrl_c_flag() as self._interrupt:
+                self._run_tasks()
         finally:  # also on Ctrl-C and errors: queued saves are finalised before the process exits
             if self.ckpt is not None:
                 self.ckpt.wait()
         return self.finish()
+
+    def _interrupted(self) -> bool:
+        return self._interrupt is not None and self._interrupt.requested
+
+    def _run_tasks(self) -> None:
+        while self.task_index < len(self.tasks):
+            task = self.tasks[self.task_index]
+            stop = False
+            if task.kind == "epoch":
+                self.run_epoch(task)
+            elif task.kind == "grow":
+                self.run_grow(task)
+            else:
+                stop = self.run_cycle_end(task)
+            self.task_index = len(self.tasks) if stop else self.task_index + 1
+            self.save()
+            if self._interrupted():
+                raise KeyboardInterrupt
 
     def finish(self) -> dict:
         ev = evaluate(self.steps, self.state, self.x_val, self.y_val)

@@ -201,15 +201,16 @@ def test_killed_right_after_growths_then_resumed(xla_cache, reference, killed_af
 
 # ---------------------------------------------------------------------------------------------- (b) corruption
 
-def _largest_array_file(ckpt: Path) -> Path:
-    files = [p for p in (ckpt / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-    return max(files, key=lambda p: p.stat().st_size)
+def _array_files(ckpt: Path) -> list[Path]:
+    """The array data files of a checkpoint (OCDBT keeps them in ``d/`` folders; which one holds which
+    array varies, so a test that must break the restore damages all of them)."""
+    return [p for p in (ckpt / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
 def test_corrupt_latest_checkpoint_falls_back(xla_cache, reference, killed_after_growths, tmp_path):
     workdir = copy_workdir(killed_after_growths, tmp_path / "run")
-    victim = _largest_array_file(workdir / "checkpoints" / "8")
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncate
+    for victim in _array_files(workdir / "checkpoints" / "8"):
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncate
     proc = run_search(xla_cache, workdir)
     warnings = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln and "checkpoint 8" in ln]
     assert any("unreadable" in ln and "trying the previous one" in ln for ln in warnings), proc.stderr[-4000:]
