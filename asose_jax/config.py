@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from asose_jax.mixed_op import MODES
 from asose_jax.ops import PRIMITIVES, OP_REGISTRY
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -270,9 +271,8 @@ def validate(cfg: Config) -> Config:
     _check(len(set(m.ops)) == len(m.ops), "model.ops", "distinct op names", m.ops)
     _check(m.num_classes >= 2, "model.num_classes", ">= 2", m.num_classes)
     _check(m.stage_width_mult >= 1, "model.stage_width_mult", ">= 1", m.stage_width_mult)
-    modes = ("dense", "single", "topk", "threshold", "argmax")
-    _check(mo.mode in modes, "mixed_op.mode", " | ".join(modes), mo.mode)
-    _check(mo.eval_mode in modes, "mixed_op.eval_mode", " | ".join(modes), mo.eval_mode)
+    _check(mo.mode in MODES, "mixed_op.mode", " | ".join(MODES), mo.mode)
+    _check(mo.eval_mode in MODES, "mixed_op.eval_mode", " | ".join(MODES), mo.eval_mode)
     _check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
     _check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
     _check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)

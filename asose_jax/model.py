@@ -124,6 +124,19 @@ def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec) -> tuple[dict, d
     return params, stats
 
 
+def init_head(key_w: jax.Array, key_b: jax.Array, c_in: int, num_classes: int) -> dict:
+    """Linear classifier ``{"w": [c_in, classes], "b": [classes]}``, PyTorch default init."""
+    bound = 1.0 / math.sqrt(c_in)
+    return {"w": jax.random.uniform(key_w, (c_in, num_classes), jnp.float32, -bound, bound),
+            "b": jax.random.uniform(key_b, (num_classes,), jnp.float32, -bound, bound)}
+
+
+def apply_head(params: dict, h: jax.Array) -> jax.Array:
+    """Global average pool of ``h`` ``[N, H, W, C]`` then the linear head: float32 logits ``[N, classes]``."""
+    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+    return pooled @ params["w"] + params["b"]
+
+
 def init_network(key: jax.Array, spec: NetSpec) -> tuple[dict, dict]:
     """Weights and BN running statistics of the whole supernet."""
     k_stem, k_blocks, k_head_w, k_head_b = jax.random.split(key, 4)
@@ -133,9 +146,7 @@ def init_network(key: jax.Array, spec: NetSpec) -> tuple[dict, dict]:
     blocks = [init_block(k, spec, b) for k, b in zip(jax.random.split(k_blocks, len(spec.blocks)), spec.blocks)]
     params["blocks"] = [p for p, _ in blocks]
     stats["blocks"] = [s for _, s in blocks]
-    bound = 1.0 / math.sqrt(c_last)
-    params["head"] = {"w": jax.random.uniform(k_head_w, (c_last, spec.num_classes), jnp.float32, -bound, bound),
-                      "b": jax.random.uniform(k_head_b, (spec.num_classes,), jnp.float32, -bound, bound)}
+    params["head"] = init_head(k_head_w, k_head_b, c_last, spec.num_classes)
     return params, stats
 
 
@@ -188,9 +199,7 @@ def apply_network(spec: NetSpec, params: dict, stats: dict, x: jax.Array, select
             run = jax.checkpoint(run)
         h, s = run(params["blocks"][b], stats["blocks"][b], h, sels)
         new_stats["blocks"].append(s)
-    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-    logits = pooled @ params["head"]["w"] + params["head"]["b"]
-    return logits, new_stats
+    return apply_head(params["head"], h), new_stats
 
 
 def network_flops(spec: NetSpec, params, stats, selection, mode: str, batch: int = 1) -> float:

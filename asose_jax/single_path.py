@@ -27,7 +27,7 @@ import optax
 
 from asose_jax.config import Config
 from asose_jax.data import augment_batch
-from asose_jax.model import NetSpec, apply_block, conv_bn_relu
+from asose_jax.model import NetSpec, apply_block, apply_head, conv_bn_relu
 from asose_jax.steps import (TrainState, add_to_sums, arch_optimizer, compute_dtype, cross_entropy,
                              weight_optimizer)
 
@@ -38,8 +38,8 @@ def gumbel_noise(seed: int, step: int, shape: tuple[int, int]) -> np.ndarray:
     return (-np.log(-np.log(u + 1e-20) + 1e-20)).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _coeff_and_vjp(alpha, noise, tau, idx, hard: bool = True):
+@jax.jit
+def _coeff_and_vjp(alpha, noise, tau, idx):
     """Straight-through coefficient per row ``[rows]`` (value 1) and its VJP w.r.t. alpha."""
     def coeff(a):
         soft = jax.nn.softmax((a + noise) / tau, axis=-1)
@@ -105,8 +105,7 @@ class SinglePathSteps:
 
     def _head_fwd_bwd(self, params, h, y):
         def f(p, inp):
-            pooled = jnp.mean(inp.astype(jnp.float32), axis=(1, 2))
-            logits = pooled @ p["w"] + p["b"]
+            logits = apply_head(p, inp)
             return cross_entropy(logits, y, self.cfg.optim.label_smoothing), logits
         (loss, logits), (g_head, g_h) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, h)
         correct = jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32)

@@ -49,7 +49,7 @@ import optax
 from asose_jax.arch import GenotypeError, load_genotype
 from asose_jax.config import Config, ConfigError
 from asose_jax.data import Dataset, augment_batch, epoch_permutation, normalize
-from asose_jax.model import conv_bn_relu, count_params, init_conv_bn
+from asose_jax.model import apply_head, conv_bn_relu, count_params, init_conv_bn, init_head
 from asose_jax.ops import OP_REGISTRY
 from asose_jax.steps import compute_dtype, cross_entropy, padded_batches
 
@@ -172,9 +172,7 @@ def init_derived(key: jax.Array, spec: DerivedSpec, path_scale_init: float = 1.0
         params["blocks"].append(bp)
         stats["blocks"].append(bs)
     c_last = spec.blocks[-1].c_out if spec.blocks else c0
-    bound = 1.0 / math.sqrt(c_last)
-    params["head"] = {"w": jax.random.uniform(k_head_w, (c_last, spec.num_classes), jnp.float32, -bound, bound),
-                      "b": jax.random.uniform(k_head_b, (spec.num_classes,), jnp.float32, -bound, bound)}
+    params["head"] = init_head(k_head_w, k_head_b, c_last, spec.num_classes)
     return params, stats
 
 
@@ -197,8 +195,7 @@ def apply_derived(spec: DerivedSpec, params: dict, stats: dict, x: jax.Array, tr
             y = out if y is None else y + out
         h = y
         new_stats["blocks"].append(ns)
-    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-    return pooled @ params["head"]["w"] + params["head"]["b"], new_stats
+    return apply_head(params["head"], h), new_stats
 
 
 # ---------------------------------------------------------------------------------------------- optimizer, state

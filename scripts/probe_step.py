@@ -26,11 +26,11 @@ for prec in a.precisions.split(","):
         S = steps_lib.make_steps(spec, cfg, 8)
         res = {"mode": mode, "precision": prec}
         for name, fn in (("weight", S.weight_step), ("arch", S.arch_step)):
-            t = time.perf_counter(); st = fn(st, x, y, perm, 0); jax.block_until_ready(st); comp = time.perf_counter() - t
-            for i in range(10): st = fn(st, x, y, perm, i % 8)
+            t = time.perf_counter(); st = fn(st, x, y, perm, 0, S.sample(st)); jax.block_until_ready(st); comp = time.perf_counter() - t
+            for i in range(10): st = fn(st, x, y, perm, i % 8, S.sample(st))
             jax.block_until_ready(st)
             t = time.perf_counter()
-            for i in range(a.steps): st = fn(st, x, y, perm, i % 8)
+            for i in range(a.steps): st = fn(st, x, y, perm, i % 8, S.sample(st))
             jax.block_until_ready(st)
             res[f"{name}_ms"] = 1000 * (time.perf_counter() - t) / a.steps
             res[f"{name}_compile_s"] = comp
