@@ -133,6 +133,7 @@ class FinalConfig:
     width: int = 0  # 0 = the searched network's widths
     schedule: str = "cosine"  # LR after the linear warm-up: cosine | linear decay to 0 (stepped per step)
     path_scale_init: float = 1.0  # initial per-path residual scale (0 = identity-initialised blocks)
+    eval_every: int = 0  # also report test accuracy every N epochs (a curve for the docs; decides nothing); 0 = end only
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= f.label_smoothing < 1, "final.label_smoothing", "[0, 1)", f.label_smoothing)
     _check(f.warmup_epochs >= 0, "final.warmup_epochs", ">= 0 (clamped to the run length)", f.warmup_epochs)
     _check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
+    _check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = test only at the end)", f.eval_every)
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
     _check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
     return cfg

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from asose_jax.config import Config
-from asose_jax.data import augment_batch
-from asose_jax.model import NetSpec, apply_block, apply_head, conv_bn_relu
+from asose_jax.data import augment_batch, normalize
+from asose_jax.model import BlockSpec, NetSpec, apply_block, apply_head, conv_bn_relu
 from asose_jax.steps import (TrainState, add_to_sums, arch_optimizer, compute_dtype, cross_entropy,
                              weight_optimizer)
 
@@ -61,7 +61,13 @@ def _apply_vjp(vjp_fn, cotangent):
 
 class SinglePathSteps:
     """Drop-in for :class:`asose_jax.steps.Steps` in ``single`` mode: same ``sample`` / ``weight_step`` /
-    ``arch_step`` signatures, with choices held on the host."""
+    ``arch_step`` signatures, with choices held on the host.
+
+    Each block program receives only the weights and BN statistics of its input conv and of the ops
+    chosen for it, and is cached by ``(ops, BlockSpec, choice)`` at module level: blocks of equal shape
+    share programs, and so does the net rebuilt after a growth. The gradients of the ops not chosen are
+    zeros allocated once per spec, so the optimizer update sees the whole tree (momentum and weight decay
+    apply to every weight, as in the one-program implementation)."""
 
     def __init__(self, spec: NetSpec, cfg: Config, steps_per_epoch: int, tau_fn, eval_batch):
         self.spec, self.cfg = spec, cfg
@@ -71,46 +77,15 @@ class SinglePathSteps:
         self._alpha: np.ndarray | None = None  # host copy; None = refetch before the next sample
         self._step: int | None = None  # host mirror of state.step
         self._tau_value: float | None = None
-        self._stem = jax.jit(self._stem_fwd)
-        self._head = jax.jit(self._head_fwd_bwd)
-        self._blocks = [jax.jit(functools.partial(self._block_fwd, b), static_argnums=(3,))
-                        for b in range(len(spec.blocks))]
+        self._zeros: list | None = None  # per block: zero gradients of every op of every path (device)
         self._ones = [jnp.ones((b.n_paths,), jnp.float32) for b in spec.blocks]  # weight-step coefficients
         self._split_coeff = jax.jit(lambda c: [c[o:o + b.n_paths] for b, o in zip(spec.blocks, spec.row_offsets())])
         self._w_update = jax.jit(self._weight_update, donate_argnums=0)
         self._a_update = jax.jit(self._arch_update, donate_argnums=0)
+        if cfg.mixed_op.eval_mode == "argmax":  # the argmax net, dispatched like training (no conditional)
+            self.eval_batch = self._eval_argmax
 
     # ------------------------------------------------------------------------------ jitted pieces
-    def _stem_fwd(self, params, stats, key, step, x_all, y_all, perm, i):
-        idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
-        k_aug = jax.random.split(jax.random.fold_in(key, step))[0]
-        d = self.cfg.data
-        x = augment_batch(k_aug, x_all[idx], d.crop, d.flip).astype(self.dtype)
-        (h, new_stats), vjp = _vjp_aux(lambda p: conv_bn_relu(p, stats, x, 1, True), params)
-        return h, new_stats, vjp, y_all[idx]
-
-    def _block_fwd(self, b, params, stats, h, choice, coeff):
-        """Block ``b`` with op ``choice[p]`` (static) on each path; returns only the stats that changed."""
-        block, ops = self.spec.blocks[b], self.spec.ops
-
-        def f(prm, inp, c):
-            sels = [{"op": choice[p], "coeff": c[p]} for p in range(block.n_paths)]
-            out, new = apply_block(self.spec, block, prm, stats, inp, sels, "fixed", True)
-            changed = {"paths": [{ops[choice[p]]: new["paths"][p][ops[choice[p]]]} for p in range(block.n_paths)]}
-            if "input_conv" in new:
-                changed["input_conv"] = new["input_conv"]
-            return out, changed
-        (out, changed), vjp = _vjp_aux(f, params, h, coeff)
-        return out, changed, vjp
-
-    def _head_fwd_bwd(self, params, h, y):
-        def f(p, inp):
-            logits = apply_head(p, inp)
-            return cross_entropy(logits, y, self.cfg.optim.label_smoothing), logits
-        (loss, logits), (g_head, g_h) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, h)
-        correct = jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32)
-        return loss, correct, g_head, g_h.astype(h.dtype)
-
     def _weight_update(self, state: TrainState, grads, stats, loss, correct, batch):
         updates, w_opt = self.w_tx.update(grads, state.w_opt, state.params)
         sums = add_to_sums(state.sums, loss, correct, batch)
@@ -131,6 +106,9 @@ class SinglePathSteps:
             self._tau_value = float(self.tau(state.arch_epochs))
         if self._step is None:
             self._step = int(state.step)
+        if self._zeros is None:
+            self._zeros = [[{name: jax.tree.map(jnp.zeros_like, p) for name, p in path.items()}
+                            for path in blk["paths"]] for blk in state.params["blocks"]]
 
     def sample(self, state: TrainState) -> dict[str, Any]:
         """Host-side op choices for the next step (fetches alpha only when it may have changed)."""
@@ -142,20 +120,23 @@ class SinglePathSteps:
     def _forward_backward(self, state: TrainState, x_all, y_all, perm, i, choice, coeffs):
         """Per-block dispatch (``coeffs``: one ``[n_paths]`` array per block); returns
         (loss, correct, grads tree, new stats, d coeffs per block)."""
-        spec = self.spec
-        h, stem_stats, stem_vjp, y = self._stem(state.params["stem"], state.batch_stats["stem"], state.key,
-                                                state.step, x_all, y_all, perm, i)
-        vjps, block_stats = [], []
+        spec, d = self.spec, self.cfg.data
+        h, stem_stats, stem_vjp, y = _stem_fwd(self.dtype, d.crop, d.flip, state.params["stem"],
+                                               state.batch_stats["stem"], state.key, state.step, x_all, y_all, perm, i)
+        vjps, block_stats, chosen = [], [], []
         for b, (block, off) in enumerate(zip(spec.blocks, spec.row_offsets())):
             ch = tuple(int(c) for c in choice["idx"][off:off + block.n_paths])
-            old = state.batch_stats["blocks"][b]
-            h, changed, vjp = self._blocks[b](state.params["blocks"][b], old, h, ch, coeffs[b])
+            names = [spec.ops[c] for c in ch]
+            prm, old = state.params["blocks"][b], state.batch_stats["blocks"][b]
+            (h, new), vjp = _block_fwd(spec.ops, block, ch, _chosen(prm, names), _chosen(old, names), h, coeffs[b])
             vjps.append(vjp)
-            block_stats.append(_merge_stats(old, changed))
-        loss, correct, g_head, g_h = self._head(state.params["head"], h, y)
+            chosen.append(names)
+            block_stats.append(_merge(old, new))
+        loss, correct, g_head, g_h = _head_fwd_bwd(self.cfg.optim.label_smoothing, state.params["head"], h, y)
         g_blocks, g_coeff = [None] * len(spec.blocks), []
         for b in reversed(range(len(spec.blocks))):
-            g_blocks[b], g_h, g_c = _apply_vjp(vjps[b], g_h)
+            g_sub, g_h, g_c = _apply_vjp(vjps[b], g_h)
+            g_blocks[b] = _merge({"paths": self._zeros[b]}, g_sub)
             g_coeff.insert(0, g_c)
         (g_stem,) = _apply_vjp(stem_vjp, g_h)
         grads = {"stem": g_stem, "blocks": g_blocks, "head": g_head}
@@ -178,13 +159,86 @@ class SinglePathSteps:
         self._alpha = None  # alpha changes: refetch before the next sample
         return self._a_update(state, g_alpha, stats, loss, correct, perm.shape[1])
 
+    def _eval_argmax(self, state: TrainState, x_u8, y, mask):
+        """Sums of (loss, correct) over the unmasked examples of one batch: argmax(alpha) op per row,
+        inference mode (what the one-program ``eval_batch`` computes)."""
+        spec = self.spec
+        idx = np.argmax(np.asarray(jax.device_get(state.alpha)), axis=-1)
+        h = _stem_eval(self.dtype, state.params["stem"], state.batch_stats["stem"], x_u8)
+        for b, (block, off) in enumerate(zip(spec.blocks, spec.row_offsets())):
+            ch = tuple(int(c) for c in idx[off:off + block.n_paths])
+            names = [spec.ops[c] for c in ch]
+            h = _block_eval(spec.ops, block, ch, _chosen(state.params["blocks"][b], names),
+                            _chosen(state.batch_stats["blocks"][b], names), h)
+        return _head_eval(state.params["head"], h, y, mask)
 
-def _merge_stats(old: dict, changed: dict) -> dict:
-    """Block stats with the entries of ``changed`` (input conv, chosen ops) replaced; host-side, no copies."""
-    new = dict(old)
-    if "input_conv" in changed:
-        new["input_conv"] = changed["input_conv"]
-    new["paths"] = [{**path, **upd} for path, upd in zip(old["paths"], changed["paths"])]
+
+# ---------------------------------------------------------------------------------- programs (module-level
+# jits, so their caches outlive one SinglePathSteps: the net rebuilt after a growth reuses them)
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _stem_fwd(dtype, crop: bool, flip: bool, params, stats, key, step, x_all, y_all, perm, i):
+    """Batch ``i`` of ``perm`` augmented, through the stem; returns (h, stem stats, VJP, labels)."""
+    idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
+    k_aug = jax.random.split(jax.random.fold_in(key, step))[0]
+    x = augment_batch(k_aug, x_all[idx], crop, flip).astype(dtype)
+    (h, new_stats), vjp = _vjp_aux(lambda p: conv_bn_relu(p, stats, x, 1, True), params)
+    return h, new_stats, vjp, y_all[idx]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _block_fwd(ops: tuple[str, ...], block: BlockSpec, choice: tuple[int, ...], params, stats, h, coeff):
+    """One block with op ``choice[p]`` on path ``p``; ``params``/``stats`` hold only the input conv and the
+    chosen ops (``_chosen``). Returns (out, their new stats, VJP over (params, h, coeff))."""
+    spec = NetSpec("", 0, (block,), ops)
+    sels = [{"op": choice[p], "coeff": coeff[p]} for p in range(block.n_paths)]
+
+    def f(prm, inp, c):
+        return apply_block(spec, block, prm, stats, inp, [{**s, "coeff": c[p]} for p, s in enumerate(sels)],
+                           "fixed", True)
+    return _vjp_aux(f, params, h, coeff)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head_fwd_bwd(label_smoothing: float, params, h, y):
+    def f(p, inp):
+        logits = apply_head(p, inp)
+        return cross_entropy(logits, y, label_smoothing), logits
+    (loss, logits), (g_head, g_h) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, h)
+    correct = jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32)
+    return loss, correct, g_head, g_h.astype(h.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stem_eval(dtype, params, stats, x_u8):
+    return conv_bn_relu(params, stats, normalize(x_u8).astype(dtype), 1, False)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _block_eval(ops: tuple[str, ...], block: BlockSpec, choice: tuple[int, ...], params, stats, h):
+    spec = NetSpec("", 0, (block,), ops)
+    sels = [{"op": c, "coeff": jnp.ones((), jnp.float32)} for c in choice]
+    return apply_block(spec, block, params, stats, h, sels, "fixed", False)[0]
+
+
+@jax.jit
+def _head_eval(params, h, y, mask):
+    logits = apply_head(params, h)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum((jnp.argmax(logits, -1) == y) & mask)
+
+
+def _chosen(tree: dict, names: list[str]) -> dict:
+    """A block's params or stats restricted to its input conv, path scale and the ops in ``names``."""
+    out = {k: v for k, v in tree.items() if k != "paths"}
+    out["paths"] = [{n: path[n]} for path, n in zip(tree["paths"], names)]
+    return out
+
+
+def _merge(full: dict, part: dict) -> dict:
+    """A block tree with the entries of ``part`` (input conv, path scale, chosen ops) replaced; host-side."""
+    new = {**full, **{k: v for k, v in part.items() if k != "paths"}}
+    new["paths"] = [{**path, **upd} for path, upd in zip(full["paths"], part["paths"])]
     return new
 
 

@@ -19,6 +19,9 @@ the live model's BN statistics), bf16 compute with fp32 master weights when ``pr
 the ``train`` and ``arch_val`` splits concatenated (uint8 on device); the test split is used once at the
 end, with and without flip test-time augmentation (logits of x and of its mirror image averaged).
 
+With ``final.eval_every=N`` the test accuracy is also measured every N epochs, for an accuracy-vs-time
+curve in the docs; no choice depends on it (no early stop, no model selection).
+
 Outputs in the workdir: ``final_metrics.jsonl`` (one ``final_epoch`` row per epoch), ``final.json``,
 ``final_checkpoints/`` (Orbax, one per epoch; a re-run resumes from the newest) and, from the CLI,
 ``final_summary.md``. Bad input ends with one line on stderr and exit code 2 (``--debug``: traceback).
@@ -377,6 +380,7 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
     steps_per_epoch = n // bs
     steps = make_final_steps(spec, cfg, steps_per_epoch)
     x_all, y_all = jnp.asarray(x_np), jnp.asarray(y_np)
+    x_test, y_test = jnp.asarray(data.test.images), jnp.asarray(data.test.labels)
     fingerprint = run_fingerprint(spec, cfg, n)
 
     metrics: list[dict] = []
@@ -436,8 +440,11 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
                 raise DivergenceError(f"final training loss became NaN/Inf in epoch {epoch + 1}; "
                                       f"lower final.lr (now {f.lr})")
             row = {"event": "final_epoch", "epoch": epoch + 1, "loss": loss, "acc": 100.0 * int(sums["correct"]) / c,
-                   "lr": float(steps.lr(int(state.step) - 1)), "wall_s": wall(),
-                   "img_per_s": steps_per_epoch * bs / max(elapsed, 1e-9)}
+                   "lr": float(steps.lr(int(state.step) - 1)), "img_per_s": steps_per_epoch * bs / max(elapsed, 1e-9)}
+            if f.eval_every and (epoch + 1) % f.eval_every == 0 and epoch + 1 < f.epochs:  # the curve only
+                row["test_acc"], row["test_acc_tta"] = evaluate_tta(
+                    steps, state.ema if f.ema_decay > 0 else state.params, state.batch_stats, x_test, y_test)
+            row["wall_s"] = wall()
             metrics.append(row)
             _write_jsonl(workdir / "final_metrics.jsonl", metrics)
             logger.info("final epoch %d/%d: loss %.4f, train acc %.2f %%, lr %.4f, %.0f img/s", epoch + 1, f.epochs,
@@ -456,8 +463,7 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
             manager.close()
 
     eval_params = state.ema if f.ema_decay > 0 else state.params
-    test_acc, test_acc_tta = evaluate_tta(steps, eval_params, state.batch_stats, jnp.asarray(data.test.images),
-                                          jnp.asarray(data.test.labels))
+    test_acc, test_acc_tta = evaluate_tta(steps, eval_params, state.batch_stats, x_test, y_test)
     result = {"test_acc": test_acc, "test_acc_tta": test_acc_tta, "epochs": f.epochs, "wall_s": wall(),
               "params": params_n, "device": device_name(), "genotype": genotype}
     _write_json(workdir / "final.json", result)

@@ -70,3 +70,17 @@ def test_noise_is_deterministic_and_step_dependent():
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0
     assert np.isfinite(a).all()
+
+
+@pytest.mark.parametrize("skeleton", ["original", "resnet"])
+def test_host_argmax_eval_matches_one_program_eval(batch, skeleton):
+    x, y, _ = batch
+    cfg, spec, state, S = _setup("host", skeleton)
+    state = state.replace(alpha=jax.random.normal(jax.random.PRNGKey(3), state.alpha.shape))  # mixed argmaxes
+    one_program = steps.make_steps(spec, dataclasses.replace(cfg, mixed_op=MixedOpConfig(mode="single",
+                                                                                          dispatch="switch")), 4)
+    mask = jnp.arange(32) < 27
+    host_loss, host_correct = S.eval_batch(state, x, y, mask)
+    ref_loss, ref_correct = one_program.eval_batch(state, x, y, mask)
+    np.testing.assert_allclose(float(host_loss), float(ref_loss), rtol=1e-5)
+    assert int(host_correct) == int(ref_correct)
