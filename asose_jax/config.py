@@ -43,6 +43,7 @@ class MixedOpConfig:
     weight_threshold: float = 0.01  # threshold mode: ops under this weight are skipped
     eval_mode: str = "argmax"  # mode used by eval_step
     dispatch: str = "host"  # single mode: "host" (per-block programs, no conditionals) | "switch" (lax.switch)
+    precompile_workers: int = 0  # host dispatch: compile every block program before training, N threads (0 = lazily)
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,8 @@ def validate(cfg: Config) -> Config:
     _check(mo.mode in MODES, "mixed_op.mode", " | ".join(MODES), mo.mode)
     _check(mo.eval_mode in MODES, "mixed_op.eval_mode", " | ".join(MODES), mo.eval_mode)
     _check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
+    _check(mo.precompile_workers >= 0, "mixed_op.precompile_workers", ">= 0 (0 = compile lazily)",
+           mo.precompile_workers)
     _check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
     _check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)
     for name, v in (("arch.lr", a.lr), ("optim.lr", o.lr), ("final.lr", f.lr)):

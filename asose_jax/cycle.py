@@ -29,7 +29,7 @@ from asose_jax.checkpoint import CheckpointError, Checkpointer, all_finite, resu
 from asose_jax.config import Config
 from asose_jax.data import Dataset, epoch_permutation, normalize
 from asose_jax.model import NetSpec, build_spec, count_params
-from asose_jax.steps import PHASES, create_train_state, evaluate, make_steps, zero_sums
+from asose_jax.steps import EVAL_BATCH, PHASES, create_train_state, evaluate, make_steps, zero_sums
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)
@@ -126,7 +126,17 @@ class Run:
         self.spec = build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
         self.state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(
             jax.random.PRNGKey(self.cfg.seed), self.spec, self.cfg, self.n_weight_steps)
+        self._make_steps()
+
+    def _make_steps(self) -> None:
+        """Steps for the current spec; with ``mixed_op.precompile_workers`` the block programs compile now."""
         self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        workers = self.cfg.mixed_op.precompile_workers
+        if workers and hasattr(self.steps, "precompile"):
+            t0 = time.perf_counter()
+            self.steps.precompile(self.state, self.cfg.data.batch_size,
+                                  min(EVAL_BATCH, int(self.x_val.shape[0])), workers)
+            logger.info("precompiled the block programs in %.1f s (%d threads)", time.perf_counter() - t0, workers)
 
     def param_count(self) -> int:
         return count_params(self.state.params)
@@ -150,7 +160,7 @@ class Run:
             raise CheckpointError(f"the checkpoints in {self.ckpt.directory} come from a different config; use a "
                                   f"new --workdir or --set resume.allow_config_change=true")
         self.state, self.spec = restored.state, restored.spec
-        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        self._make_steps()
         self.task_index = min(int(meta["task_index"]), len(self.tasks))  # a changed config may shorten the plan
         self.step_in_epoch = int(meta["step_in_epoch"]) if self.task_index < len(self.tasks) else 0
         self.metrics = meta["metrics"]
@@ -284,7 +294,7 @@ class Run:
         self.spec, self.state, info = growth.grow(kind, self.spec, self.state, k_grow, self.cfg)
         diff = growth.max_abs_logit_diff(before_spec, before_state, self.spec, self.state, x_fixed)
         del before_state
-        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        self._make_steps()
         self.log({"event": "growth", "cycle": task.cycle, "step": int(self.state.step), **info,
                   "max_abs_logit_diff": diff, "wall_s": self.wall_s()})
         logger.info("growth at cycle %d: %s at %s, params %d -> %d, max |logit diff| %.2e", task.cycle,

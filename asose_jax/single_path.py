@@ -18,6 +18,7 @@ coefficient ``(onehot - stop_gradient(soft) + soft)[idx]`` (1 forward), so dL/da
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -158,6 +159,30 @@ class SinglePathSteps:
         self._step += 1
         self._alpha = None  # alpha changes: refetch before the next sample
         return self._a_update(state, g_alpha, stats, loss, correct, perm.shape[1])
+
+    def precompile(self, state: TrainState, batch: int, eval_batch: int, workers: int) -> None:
+        """Compile every block program (forward, backward, argmax eval) for every op before the first step,
+        one thread per op, ``workers`` at a time: XLA compiles outside the GIL, so the ~2 x ops x distinct
+        block shapes small programs of a search compile in parallel instead of one by one inside the first
+        epoch. Runs each program once on zeros; ``state`` is read, not changed."""
+        spec = self.spec
+        c0 = spec.stem_channels
+
+        def one_op(o: int) -> None:
+            h = jnp.zeros((batch, 32, 32, c0), self.dtype)
+            h_eval = jnp.zeros((eval_batch, 32, 32, c0), self.dtype)
+            for b, block in enumerate(spec.blocks):
+                ch, names = (o,) * block.n_paths, [spec.ops[o]] * block.n_paths
+                prm = _chosen(state.params["blocks"][b], names)
+                st = _chosen(state.batch_stats["blocks"][b], names)
+                (out, _), vjp = _block_fwd(spec.ops, block, ch, prm, st, h, self._ones[b])
+                _apply_vjp(vjp, jnp.zeros_like(out))
+                h_eval = _block_eval(spec.ops, block, ch, prm, st, h_eval)
+                h = out
+            jax.block_until_ready((h, h_eval))
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one_op, range(len(spec.ops))))
 
     def _eval_argmax(self, state: TrainState, x_u8, y, mask):
         """Sums of (loss, correct) over the unmasked examples of one batch: argmax(alpha) op per row,

@@ -23,6 +23,7 @@ from asose_jax.data import augment_batch, normalize
 from asose_jax.model import NetSpec, apply_network, init_network
 
 PHASES = ("warmup", "weight", "arch", "retrain", "final")
+EVAL_BATCH = 1000  # images per evaluation batch (one compiled shape)
 
 
 @flax.struct.dataclass
@@ -226,7 +227,7 @@ def padded_batches(images, labels, batch_size: int):
         yield xb, yb, jnp.arange(bs) < m
 
 
-def evaluate(steps: Steps, state: TrainState, images, labels, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(steps: Steps, state: TrainState, images, labels, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Mean loss and accuracy (%) over a whole split (device arrays), in fixed order."""
     n = int(images.shape[0])
     loss, correct = 0.0, 0

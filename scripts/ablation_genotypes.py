@@ -1,8 +1,9 @@
 """Genotypes for the [E] ablation, on the same blocks as a searched genotype.
 
-    python scripts/ablation_genotypes.py runs/c95/genotype.json --out runs/ablation [--seed 0]
+    python scripts/ablation_genotypes.py runs/c95/genotype.json --out runs/ablation [--seed 0] [--parametric-only]
 
 Writes ``random_s<seed>.json`` (every path's op drawn uniformly from the searched op set without `none`,
+or with ``--parametric-only`` without any parameter-free op, to match ``arch.max_parameter_free=0``;
 from a seeded generator) and ``all_sep_conv_3x3.json`` (every path `sep_conv_3x3`). Blocks, widths, strides
 and path counts are the searched genotype's, so the final recipe trains networks of the same layout.
 """
@@ -26,9 +27,11 @@ def main() -> None:
     ap.add_argument("genotype", help="searched genotype.json")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parametric-only", action="store_true", help="draw no none/pool/skip op")
     args = ap.parse_args()
     searched = json.loads(Path(args.genotype).read_text())
-    choices = [op for op in searched.get("op_set", []) if op != "none"]
+    excluded = ("none", "avg_pool_3x3", "max_pool_3x3", "skip_connect") if args.parametric_only else ("none",)
+    choices = [op for op in searched.get("op_set", []) if op not in excluded]
     if not choices:
         raise SystemExit(f"error: {args.genotype} has no op_set to draw random ops from")
     rng = np.random.default_rng(args.seed)
