@@ -1,12 +1,12 @@
 """CIFAR-10 to >= 95 % test accuracy in minutes on one H100 (issue [E]); second version, not yet run.
 
 Run 1 (docs/benchmarks.md section 5, H100, 2026-11-27) used this file with ``arch.max_parameter_free=-1``
-and ``arch.lr=5e-3``: search 256 s + final 117 s, 92.52 % (flip-TTA). Alpha did not move (entropy 2.395 of
+and ``arch.lr=5e-3`` (and no precompile): search 256 s + final 117 s, 92.52 % (flip-TTA). Alpha did not move (entropy 2.395 of
 2.398 nats), the genotype took 5 pools out of 9 ops, and the same recipe on the same blocks with every op
 ``sep_conv_3x3`` reached 95.17 %. Hence the two changes since: no parameter-free op in the genotype
 (``max_parameter_free=0``; each ``resnet`` block already has an identity path, so a pool or skip as its op
 adds no capacity) and a 4x higher alpha LR. Reproduce run 1 with
-``--set arch.max_parameter_free=-1 --set arch.lr=0.005``.
+``--set arch.max_parameter_free=-1 --set arch.lr=0.005 --set mixed_op.precompile_workers=0``.
 
 ``python -m asose_jax.search --config configs/cifar10_95.py --workdir runs/c95`` runs a short ASO-SE search
 on the ``resnet`` skeleton, then the final training of the derived network (``final.enabled``). The budget
@@ -21,6 +21,11 @@ Search (what the alpha step sees is the held-out arch-val split, 10k of the 50k;
   (documented addition; the 10 primitives stay available).
 * ``single`` mixed-op mode (hard Gumbel, straight-through): one op per row per step, so a supernet step
   costs about one network's forward/backward; bf16 compute with fp32 master weights.
+* the block programs (11 ops x 5 block shapes, forward, backward, eval) compile in 8 threads before the
+  first step (``precompile_workers=8``): in run 1 they compiled one by one inside the first epoch, 157 s
+  of the 256 s search. XLA compiles outside the GIL (on the 2-core CPU machine two threads overlapped
+  their compiles, 11.1 s of compile in 6.7 s of wall, with no gain there for lack of cores); the gain on
+  the GPU host's 16 cores is not yet measured.
 * batch 256, SGD 0.1 Nesterov, label smoothing 0.1, one cosine decay over the 8 weight epochs of the
   search (2 warm-up + 3 cycles x (1 weight + 1 retrain)): ``t0_epochs=8, t_mult=1``.
 * alpha: Adam 2e-2 (5e-3 left alpha at its initial noise in 117 arch steps; the default 3e-4 moves it even
@@ -57,7 +62,7 @@ def get_config() -> Config:
         seed=0,
         precision="bf16",
         model=ModelConfig(skeleton="resnet", init_channels=32, num_layers=8, ops=PRIMITIVES + ("conv_3x3",)),
-        mixed_op=MixedOpConfig(mode="single", eval_mode="argmax"),
+        mixed_op=MixedOpConfig(mode="single", eval_mode="argmax", precompile_workers=8),
         arch=ArchConfig(init_scale=0.1, lr=2e-2, weight_decay=1e-3, tau_init=1.0, tau_decay=0.9, tau_min=0.1,
                         hard=True, genotype_exclude_none=True, max_parameter_free=0),
         optim=OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, clip_norm=5.0,
