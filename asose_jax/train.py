@@ -414,6 +414,10 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
     def wall() -> float:
         return wall_offset + time.perf_counter() - t0
 
+    def test_accuracy(s: FinalState) -> tuple[float, float]:
+        """Test accuracy (%) without and with flip-TTA, of the EMA weights when there are any."""
+        return evaluate_tta(steps, s.ema if f.ema_decay > 0 else s.params, s.batch_stats, x_test, y_test)
+
     stop_after = _stop_after_epoch()
     try:
         for epoch in range(start_epoch, f.epochs):
@@ -442,8 +446,7 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
             row = {"event": "final_epoch", "epoch": epoch + 1, "loss": loss, "acc": 100.0 * int(sums["correct"]) / c,
                    "lr": float(steps.lr(int(state.step) - 1)), "img_per_s": steps_per_epoch * bs / max(elapsed, 1e-9)}
             if f.eval_every and (epoch + 1) % f.eval_every == 0 and epoch + 1 < f.epochs:  # the curve only
-                row["test_acc"], row["test_acc_tta"] = evaluate_tta(
-                    steps, state.ema if f.ema_decay > 0 else state.params, state.batch_stats, x_test, y_test)
+                row["test_acc"], row["test_acc_tta"] = test_accuracy(state)
             row["wall_s"] = wall()
             metrics.append(row)
             _write_jsonl(workdir / "final_metrics.jsonl", metrics)
@@ -462,8 +465,7 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
             manager.wait_until_finished()
             manager.close()
 
-    eval_params = state.ema if f.ema_decay > 0 else state.params
-    test_acc, test_acc_tta = evaluate_tta(steps, eval_params, state.batch_stats, x_test, y_test)
+    test_acc, test_acc_tta = test_accuracy(state)
     result = {"test_acc": test_acc, "test_acc_tta": test_acc_tta, "epochs": f.epochs, "wall_s": wall(),
               "params": params_n, "device": device_name(), "genotype": genotype}
     _write_json(workdir / "final.json", result)
