@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from asose_jax import mixed_op
-from asose_jax.ops import OP_REGISTRY, batch_norm, bn_stats_init, conv2d, conv_init
+from asose_jax.ops import OP_REGISTRY, batch_norm, bn_stats_init, conv2d, conv_init, exact_precision
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def init_head(key_w: jax.Array, key_b: jax.Array, c_in: int, num_classes: int) -
 def apply_head(params: dict, h: jax.Array) -> jax.Array:
     """Global average pool of ``h`` ``[N, H, W, C]`` then the linear head: float32 logits ``[N, classes]``."""
     pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-    return pooled @ params["w"] + params["b"]
+    return jnp.dot(pooled, params["w"], precision=exact_precision(pooled.dtype)) + params["b"]
 
 
 def init_network(key: jax.Array, spec: NetSpec) -> tuple[dict, dict]:

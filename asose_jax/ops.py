@@ -41,11 +41,19 @@ def conv_init(key: jax.Array, kh: int, kw: int, cin: int, cout: int) -> jax.Arra
     return jax.random.uniform(key, (kh, kw, cin, cout), jnp.float32, -bound, bound)
 
 
+def exact_precision(dtype) -> lax.Precision | None:
+    """``HIGHEST`` for float32 operands: XLA's default on Ampere and later GPUs rounds float32 convolutions
+    and dots to TF32 (10-bit mantissa), under which the ``original`` network diverged on an H100
+    (docs/benchmarks.md section 3). ``fp32`` here means float32 arithmetic; bf16 keeps the default."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 def conv2d(x: jax.Array, w: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1):
-    """NHWC x HWIO convolution in ``x.dtype``."""
+    """NHWC x HWIO convolution in ``x.dtype`` (exact float32 for float32 ``x``)."""
     return lax.conv_general_dilated(
         x, w.astype(x.dtype), window_strides=stride, padding=padding, rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=exact_precision(x.dtype))
 
 
 def _use_shift(k: int, dilation: int, dtype) -> bool:

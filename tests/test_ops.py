@@ -200,3 +200,15 @@ def test_batch_norm_matches_torch():
     np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
     np.testing.assert_allclose(np.asarray(new["mean"]), bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new["var"]), bn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_convolutions_and_head_ask_for_exact_float32():
+    """XLA's GPU default rounds float32 convs and dots to TF32: ``fp32`` must request HIGHEST; bf16 must not."""
+    from asose_jax.model import apply_head
+    w = jnp.zeros((3, 3, 4, 4), jnp.float32)
+    for dtype, want in ((jnp.float32, True), (jnp.bfloat16, False)):
+        x = jnp.zeros((1, 8, 8, 4), dtype)
+        hlo = jax.jit(lambda a, b: ops.conv2d(a, b, padding=((1, 1), (1, 1)))).lower(x, w).as_text()
+        assert ("HIGHEST" in hlo) == want, dtype
+    head = {"w": jnp.zeros((4, 10)), "b": jnp.zeros((10,))}
+    assert "HIGHEST" in jax.jit(apply_head).lower(head, jnp.zeros((2, 3, 3, 4), jnp.bfloat16)).as_text()
