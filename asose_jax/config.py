@@ -19,6 +19,7 @@ from typing import Any
 from asose_jax.mixed_op import MODES
 from asose_jax.ops import PRIMITIVES, OP_REGISTRY
 
+TRAIN_MODES = tuple(m for m in MODES if m != "argmax")  # modes a training step can use
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -44,6 +45,7 @@ class MixedOpConfig:
     eval_mode: str = "argmax"  # mode used by eval_step
     dispatch: str = "host"  # single mode: "host" (per-block programs, no conditionals) | "switch" (lax.switch)
     precompile_workers: int = 0  # host dispatch: compile every block program before training, N threads (0 = lazily)
+    arch_mode: str = ""  # mode of the arch steps when it differs from ``mode`` ("" = ``mode``), e.g. dense
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,8 @@ def validate(cfg: Config) -> Config:
     _check(m.stage_width_mult >= 1, "model.stage_width_mult", ">= 1", m.stage_width_mult)
     _check(mo.mode in MODES, "mixed_op.mode", " | ".join(MODES), mo.mode)
     _check(mo.eval_mode in MODES, "mixed_op.eval_mode", " | ".join(MODES), mo.eval_mode)
+    _check(mo.arch_mode in ("",) + TRAIN_MODES, "mixed_op.arch_mode", '"" (same as mode) | ' + " | ".join(TRAIN_MODES),
+           mo.arch_mode)
     _check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
     _check(mo.precompile_workers >= 0, "mixed_op.precompile_workers", ">= 0 (0 = compile lazily)",
            mo.precompile_workers)

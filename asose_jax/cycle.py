@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from asose_jax.checkpoint import CheckpointError, Checkpointer, all_finite, resu
 from asose_jax.config import Config
 from asose_jax.data import Dataset, epoch_permutation, normalize
 from asose_jax.model import NetSpec, build_spec, count_params
-from asose_jax.steps import EVAL_BATCH, PHASES, create_train_state, evaluate, make_steps, zero_sums
+from asose_jax.steps import (EVAL_BATCH, PHASES, SplitModeSteps, create_train_state, evaluate, make_steps,
+                             zero_sums)
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)
@@ -129,14 +131,28 @@ class Run:
         self._make_steps()
 
     def _make_steps(self) -> None:
-        """Steps for the current spec; with ``mixed_op.precompile_workers`` the block programs compile now."""
+        """Steps for the current spec. With ``mixed_op.precompile_workers`` the block programs compile now,
+        and an arch step of its own mode (``mixed_op.arch_mode``) compiles alongside, in one more thread."""
         self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
         workers = self.cfg.mixed_op.precompile_workers
-        if workers and hasattr(self.steps, "precompile"):
-            t0 = time.perf_counter()
-            self.steps.precompile(self.state, self.cfg.data.batch_size,
-                                  min(EVAL_BATCH, int(self.x_val.shape[0])), workers)
-            logger.info("precompiled the block programs in %.1f s (%d threads)", time.perf_counter() - t0, workers)
+        if not workers:
+            return
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            arch_job = pool.submit(self._warm_arch_step) if isinstance(self.steps, SplitModeSteps) else None
+            if hasattr(self.steps, "precompile"):
+                self.steps.precompile(self.state, self.cfg.data.batch_size,
+                                      min(EVAL_BATCH, int(self.x_val.shape[0])), workers)
+            if arch_job is not None:
+                arch_job.result()
+        logger.info("precompiled the steps in %.1f s (%d threads)", time.perf_counter() - t0, workers)
+
+    def _warm_arch_step(self) -> None:
+        """Compile the arch step by running it once on a copy of the state (the state itself is untouched)."""
+        perm = jnp.asarray(epoch_permutation(self.cfg.seed, 0, int(self.x_val.shape[0]), self.cfg.data.batch_size))
+        scratch = jax.tree.map(jnp.copy, self.state)
+        jax.block_until_ready(self.steps.arch_step(scratch, self.x_val, self.y_val, perm, 0,
+                                                   self.steps.arch_sample(scratch)))
 
     def param_count(self) -> int:
         return count_params(self.state.params)
@@ -216,6 +232,7 @@ class Run:
         arch_phase = task.phase == "arch"
         n_steps = self.n_arch_steps if arch_phase else self.n_weight_steps
         step_fn = self.steps.arch_step if arch_phase else self.steps.weight_step
+        sample = self.steps.arch_sample if arch_phase else self.steps.sample
         x, y = (self.x_val, self.y_val) if arch_phase else (self.x_train, self.y_train)
         perm = jnp.asarray(epoch_permutation(self.cfg.seed, task.epoch_id, int(x.shape[0]), self.cfg.data.batch_size))
         if self.step_in_epoch == 0:
@@ -227,7 +244,7 @@ class Run:
                    dynamic_ncols=True)
         t_start, start_step = time.perf_counter(), self.step_in_epoch
         for i in range(self.step_in_epoch, n_steps):
-            self.state = step_fn(self.state, x, y, perm, i, self.steps.sample(self.state))
+            self.state = step_fn(self.state, x, y, perm, i, sample(self.state))
             self.step_in_epoch = i + 1
             if self._interrupted():  # Ctrl-C: keep this step's state, then stop
                 self.save()

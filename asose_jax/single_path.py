@@ -118,6 +118,12 @@ class SinglePathSteps:
         idx = np.argmax(self._alpha + noise, axis=-1).astype(np.int32)
         return {"idx": idx, "noise": noise}
 
+    arch_sample = sample
+
+    def forget_host_state(self) -> None:
+        """Alpha and the step counter changed outside these steps: refetch them before the next sample."""
+        self._alpha, self._step = None, None
+
     def _forward_backward(self, state: TrainState, x_all, y_all, perm, i, choice, coeffs):
         """Per-block dispatch (``coeffs``: one ``[n_paths]`` array per block); returns
         (loss, correct, grads tree, new stats, d coeffs per block)."""
@@ -157,7 +163,7 @@ class SinglePathSteps:
                                                                   self._split_coeff(coeff))
         (g_alpha,) = _apply_vjp(coeff_vjp, _concat(g_coeff))
         self._step += 1
-        self._alpha = None  # alpha changes: refetch before the next sample
+        self._alpha = None  # alpha changes: refetch before the next sample (the step is mirrored)
         return self._a_update(state, g_alpha, stats, loss, correct, perm.shape[1])
 
     def precompile(self, state: TrainState, batch: int, eval_batch: int, workers: int) -> None:

@@ -9,7 +9,7 @@ epoch's metric sums all happen inside one ``jit``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import flax.struct
@@ -132,15 +132,51 @@ class Steps:
     """The compiled steps for one spec.
 
     ``choice = sample(state)`` draws the step's op choices (same key as the step); then
-    ``weight_step(state, x_u8, y, perm, i, choice)`` trains on batch ``perm[i]`` with those ops."""
+    ``weight_step(state, x_u8, y, perm, i, choice)`` trains on batch ``perm[i]`` with those ops.
+    ``arch_step`` takes its choices from ``arch_sample`` (the same function unless the arch steps have a
+    mode of their own, :class:`SplitModeSteps`)."""
     sample: Callable
     weight_step: Callable
     arch_step: Callable
     eval_batch: Callable
     tau: Callable
+    arch_sample: Callable
 
 
-def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
+class SplitModeSteps:
+    """Weight steps in ``mixed_op.mode`` and arch steps in ``mixed_op.arch_mode``, over one TrainState.
+
+    E.g. host-dispatched ``single`` weight steps (one op per row: cheap) with ``dense`` arch steps (every
+    op, weighted by the soft Gumbel weights: the DARTS-style, low-variance alpha gradient). Arch steps see
+    only the arch-val split, so computing every op there costs little."""
+
+    def __init__(self, weight: Steps, arch_steps: Steps):
+        self._weight, self._arch = weight, arch_steps
+        self.sample, self.weight_step = weight.sample, weight.weight_step
+        self.eval_batch, self.tau = weight.eval_batch, weight.tau
+        self.arch_sample = arch_steps.arch_sample
+        if hasattr(weight, "precompile"):
+            self.precompile = weight.precompile
+
+    def arch_step(self, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
+        new_state = self._arch.arch_step(state, x_all, y_all, perm, i, choice)
+        forget = getattr(self._weight, "forget_host_state", None)
+        if forget is not None:  # alpha and the step counter moved outside the weight steps' host mirror
+            forget()
+        return new_state
+
+
+def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps | SplitModeSteps:
+    """The steps of ``cfg.mixed_op.mode``; with a different ``mixed_op.arch_mode``, arch steps of that mode."""
+    mo = cfg.mixed_op
+    steps = _make_mode_steps(spec, cfg, steps_per_epoch)
+    if not mo.arch_mode or mo.arch_mode == mo.mode:
+        return steps
+    arch_cfg = replace(cfg, mixed_op=replace(mo, mode=mo.arch_mode, arch_mode=""))
+    return SplitModeSteps(steps, _make_mode_steps(spec, arch_cfg, steps_per_epoch))
+
+
+def _make_mode_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
     mo, d = cfg.mixed_op, cfg.data
     dtype = compute_dtype(cfg)
     w_tx, a_tx = weight_optimizer(cfg, steps_per_epoch), arch_optimizer(cfg)
@@ -207,7 +243,8 @@ def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
     if mo.mode == "single" and mo.dispatch == "host":
         from asose_jax.single_path import SinglePathSteps  # noqa: PLC0415 (it builds on this module)
         return SinglePathSteps(spec, cfg, steps_per_epoch, tau_fn, jax.jit(eval_batch))
-    return Steps(sample=jax.jit(sample),
+    jit_sample = jax.jit(sample)
+    return Steps(sample=jit_sample, arch_sample=jit_sample,
                  weight_step=jax.jit(weight_step, donate_argnums=0),
                  arch_step=jax.jit(arch_step, donate_argnums=0),
                  eval_batch=jax.jit(eval_batch),

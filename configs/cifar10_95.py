@@ -1,12 +1,23 @@
-"""CIFAR-10 to >= 95 % test accuracy in minutes on one H100 (issue [E]); second version, not yet run.
+"""CIFAR-10 to >= 95 % test accuracy in minutes on one H100 (issue [E]); third version (run 2 used it with
+8 precompile threads, which cost more than they saved: see below).
 
-Run 1 (docs/benchmarks.md section 5, H100, 2026-11-27) used this file with ``arch.max_parameter_free=-1``
-and ``arch.lr=5e-3`` (and no precompile): search 256 s + final 117 s, 92.52 % (flip-TTA). Alpha did not move (entropy 2.395 of
-2.398 nats), the genotype took 5 pools out of 9 ops, and the same recipe on the same blocks with every op
-``sep_conv_3x3`` reached 95.17 %. Hence the two changes since: no parameter-free op in the genotype
-(``max_parameter_free=0``; each ``resnet`` block already has an identity path, so a pool or skip as its op
-adds no capacity) and a 4x higher alpha LR. Reproduce run 1 with
-``--set arch.max_parameter_free=-1 --set arch.lr=0.005 --set mixed_op.precompile_workers=0``.
+Run 1 (docs/benchmarks.md section 5, H100, 2026-11-27) used this file with ``arch.max_parameter_free=-1``,
+``arch.lr=5e-3``, single-path arch steps and no precompile: search 256 s + final 117 s, 92.52 % (flip-TTA).
+Alpha did not move (entropy 2.395 of 2.398 nats), the genotype took 5 pools out of 9 ops, and the same
+recipe on the same blocks with every op ``sep_conv_3x3`` reached 95.17 %. Since then:
+
+* no parameter-free op in the genotype (``max_parameter_free=0``): each ``resnet`` block already has an
+  identity path, so a pool or skip as its op adds no capacity;
+* alpha LR 2e-2 (4x), and **dense arch steps** (``mixed_op.arch_mode="dense"``): the arch step computes
+  every op, weighted by the soft Gumbel weights (the DARTS first-order gradient on the held-out split),
+  instead of the hard single-path straight-through sample, whose alpha gradient is too noisy to separate
+  the ops in a few hundred steps (a CPU probe: ``scripts/probe_alpha.py``, figures in the docs);
+* the programs compile lazily, in the first epoch that needs them (``precompile_workers=0``). Run 2
+  (H100, 2026-11-27) compiled the block programs and the dense arch step in 8 threads before the first
+  step: 315 s, twice run 1's 157 s one by one, because XLA's GPU autotuner runs its candidate kernels on
+  the one GPU, and 8 threads autotuning at once contend for it (XLA warned that its timer kernel timed out).
+
+Reproduce run 1 with ``--set arch.max_parameter_free=-1 --set arch.lr=0.005 --set mixed_op.arch_mode=``.
 
 ``python -m asose_jax.search --config configs/cifar10_95.py --workdir runs/c95`` runs a short ASO-SE search
 on the ``resnet`` skeleton, then the final training of the derived network (``final.enabled``). The budget
@@ -19,19 +30,17 @@ Search (what the alpha step sees is the held-out arch-val split, 10k of the 50k;
   depth for the final network while the supernet stays cheap.
 * ops: the original's 10 primitives plus ``conv_3x3`` (ReLU-conv-BN), a strong, GPU-friendly op
   (documented addition; the 10 primitives stay available).
-* ``single`` mixed-op mode (hard Gumbel, straight-through): one op per row per step, so a supernet step
-  costs about one network's forward/backward; bf16 compute with fp32 master weights.
-* the block programs (11 ops x 5 block shapes, forward, backward, eval) compile in 8 threads before the
-  first step (``precompile_workers=8``): in run 1 they compiled one by one inside the first epoch, 157 s
-  of the 256 s search. XLA compiles outside the GIL (on the 2-core CPU machine two threads overlapped
-  their compiles, 11.1 s of compile in 6.7 s of wall, with no gain there for lack of cores); the gain on
-  the GPU host's 16 cores is not yet measured.
+* weight steps in ``single`` mixed-op mode (hard Gumbel, straight-through): one op per row per step, so a
+  supernet weight step costs about one network's forward/backward; arch steps ``dense`` (see above);
+  bf16 compute with fp32 master weights.
+* the block programs (11 ops x 5 block shapes, forward, backward, eval) and the dense arch step compile
+  when first used: in run 1 the block programs took 157 s of the 256 s search, inside the first epoch.
 * batch 256, SGD 0.1 Nesterov, label smoothing 0.1, one cosine decay over the 8 weight epochs of the
   search (2 warm-up + 3 cycles x (1 weight + 1 retrain)): ``t0_epochs=8, t_mult=1``.
-* alpha: Adam 2e-2 (5e-3 left alpha at its initial noise in 117 arch steps; the default 3e-4 moves it even
-  less), init 0.1 N(0, 1), tau 1.0 (the hard sample does not depend on tau; a lower tau gives sharper
-  straight-through gradients). Genotype: the best parametric op of each row (``max_parameter_free=0``).
-* 3 short cycles (1 weight / 1 arch / 1 retrain epoch) after 2 warm-up epochs with alpha frozen (a
+* alpha: Adam 2e-2 (5e-3 left alpha at its initial noise in 117 single-path arch steps; the default 3e-4
+  moves it even less), init 0.1 N(0, 1), soft Gumbel weights at tau 1.0 decaying 0.9 per arch epoch.
+  Genotype: the best parametric op of each row (``max_parameter_free=0``).
+* 3 short cycles (1 weight / 2 arch / 1 retrain epochs) after 2 warm-up epochs with alpha frozen (a
   collapse guard: ops get trained before alpha ranks them). No early stop, no per-epoch evaluation.
 * growth every 2 cycles (one growth, at cycle 2) with the original's accuracy-dependent strategy over
   deepen / widen / branch; each growth recompiles the steps, so more would cost more than it brings.
@@ -62,13 +71,13 @@ def get_config() -> Config:
         seed=0,
         precision="bf16",
         model=ModelConfig(skeleton="resnet", init_channels=32, num_layers=8, ops=PRIMITIVES + ("conv_3x3",)),
-        mixed_op=MixedOpConfig(mode="single", eval_mode="argmax", precompile_workers=8),
+        mixed_op=MixedOpConfig(mode="single", arch_mode="dense", eval_mode="argmax", precompile_workers=0),
         arch=ArchConfig(init_scale=0.1, lr=2e-2, weight_decay=1e-3, tau_init=1.0, tau_decay=0.9, tau_min=0.1,
                         hard=True, genotype_exclude_none=True, max_parameter_free=0),
         optim=OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, clip_norm=5.0,
                           schedule="cosine_restarts", t0_epochs=8, t_mult=1, min_lr=1e-3, label_smoothing=0.1),
         data=DataConfig(batch_size=256, arch_val_size=10000),
-        cycle=CycleConfig(max_cycles=3, warmup_epochs=2, weight_epochs=1, arch_epochs=1, retrain_epochs=1,
+        cycle=CycleConfig(max_cycles=3, warmup_epochs=2, weight_epochs=1, arch_epochs=2, retrain_epochs=1,
                           early_stop_cycles=0, eval_every_epoch=False),
         growth=GrowthConfig(enabled=True, every=2, stagnation_cycles=0, kinds=("deepen", "widen", "branch"),
                             strategy="original", max_depth=12, widen_factor=1.5),

@@ -101,6 +101,7 @@ def test_wrong_type(item, fragments):
     ("final.epochs=0", ("final.epochs", ">= 1")),
     ("data.batch_size=0", ("data.batch_size", ">= 1")),
     ("mixed_op.mode=fast", ("mixed_op.mode", "dense | single | topk | threshold | argmax")),
+    ("mixed_op.arch_mode=argmax", ("mixed_op.arch_mode", "dense | single | topk | threshold")),
     ("model.skeleton=vgg", ("model.skeleton", "original | resnet")),
     ("model.ops=none,conv_9x9", ("model.ops", "conv_9x9", "sep_conv_3x3")),
     ("model.ops=none,none", ("model.ops", "distinct")),

@@ -101,3 +101,26 @@ def test_precompile_compiles_every_block_program_ahead(batch):
     S.eval_batch(state, x, y, jnp.ones((32,), bool))
     assert (_block_fwd._cache_size(), _block_eval._cache_size()) == before
     assert np.isfinite(float(state.sums["loss"]))
+
+
+def test_dense_arch_mode_steps_alpha_with_every_op_and_resyncs_the_host_sampler(batch):
+    """``arch_mode=dense``: single-path weight steps, arch steps through the dense mixture (one program);
+    every alpha entry gets a gradient, and the host sampler picks up the new alpha and step counter."""
+    x, y, perm = batch
+    cfg, spec, state, _ = _setup("host", "resnet")
+    cfg = dataclasses.replace(cfg, mixed_op=dataclasses.replace(cfg.mixed_op, arch_mode="dense"))
+    S = steps.make_steps(spec, cfg, 4)
+    assert isinstance(S, steps.SplitModeSteps)
+    state = state.replace(alpha=jnp.zeros_like(state.alpha))
+    state = S.weight_step(state, x, y, perm, 0, S.sample(state))
+    before = np.asarray(state.alpha)
+    state = S.arch_step(state, x, y, perm, 1, S.arch_sample(state))
+    moved = np.abs(np.asarray(state.alpha) - before)
+    assert np.isfinite(moved).all() and (moved[:, 1:] > 0).all()  # every op but `none` (zero output) moved
+    assert int(state.step) == 2
+    fresh = steps.make_steps(spec, cfg, 4)  # no host mirror yet: reads alpha and step from the state
+    got, want = S.sample(state), fresh.sample(state)
+    np.testing.assert_array_equal(got["idx"], want["idx"])
+    np.testing.assert_array_equal(got["noise"], want["noise"])
+    state = S.weight_step(state, x, y, perm, 2, got)
+    assert np.isfinite(float(state.sums["loss"])) and int(state.step) == 3
