@@ -3,28 +3,39 @@
     python scripts/compare_pytorch.py                      # batch 128, every configuration
     python scripts/compare_pytorch.py --batches 128,256,512 --only-main
 
-One command. The PyTorch configurations run in this process; each JAX configuration runs in a child
-process (``--worker``) with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its ``peak_bytes_in_use``
-belongs to that configuration alone. Both sides train the `original` network (C0=32, L=4) on the same
-uint8 batches (synthetic by default, real CIFAR-10 with ``--data-dir``), already on the GPU.
+One command. The PyTorch configurations of every batch size run first, in this process; then each
+JAX configuration (of every batch size) runs in a child process (``--worker``) with
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its ``peak_bytes_in_use`` belongs to that configuration
+alone. Both sides train the `original` network (C0=32, L=4) on the same uint8 batches (synthetic by
+default, real CIFAR-10 with ``--data-dir``), already on the GPU.
+
+JAX children compile in parallel, in waves of ``--jax-parallel`` (0: all at once): each child compiles
+its steps, runs its XLA cost analysis, prints ``READY`` and waits. Once the whole wave is ready, the
+children are released (``GO`` on stdin) one at a time, so only one process touches the GPU while timing
+and nothing compiles meanwhile. ``compile_s`` is therefore measured under ``compile_parallel``
+concurrent compilations (recorded with each JAX record).
 
 Timing: median over 5 chunks of ``--steps`` steps, each chunk closed by a device sync, after warm-up.
 GPU busy: the union of kernel intervals over the span from the first kernel to the last, from a
 profiler trace of 20 steps (JAX: perfetto trace; PyTorch: torch.profiler).
-Writes ``--out`` (JSON), a markdown table (``--md``) and a bar chart (``--png``).
+Writes ``--out`` (JSON; with ``--merge`` a new record replaces the old one of the same configuration),
+a markdown table (``--md``) and a bar chart (``--png``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import gzip
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +86,7 @@ def median_ms(run_chunk, steps: int, chunks: int = 5) -> float:
 # ================================================================================================ JAX worker
 
 def jax_worker(args) -> dict:
+    """Compile, print READY, wait for GO on stdin, then time; returns the record."""
     import jax
     import jax.numpy as jnp
     sys.path.insert(0, str(ROOT))
@@ -121,6 +133,18 @@ def jax_worker(args) -> dict:
         chunk(S.weight_step)(1)
         chunk(S.arch_step)(1)
     compile_s = time.perf_counter() - t0
+    flops = None
+    if not host:
+        try:
+            cost = S.weight_step.lower(box["state"], x, y, perm, 0, S.sample(box["state"])).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            flops = float(cost.get("flops", 0.0))
+        except Exception:  # cost analysis is best effort
+            flops = None
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "GO":
+        sys.exit("no GO from the parent")
+
     chunk(S.weight_step)(10)
     weight_ms = median_ms(chunk(S.weight_step), args.steps)
     chunk(S.arch_step)(5)
@@ -140,18 +164,91 @@ def jax_worker(args) -> dict:
                         and "GPU" in str(e.get("args", {}).get("name", ""))}
             busy = union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
                                if e.get("ph") == "X" and e.get("pid") in gpu_pids])
-    flops = None
-    if not host:
-        try:
-            cost = S.weight_step.lower(box["state"], x, y, perm, 0, S.sample(box["state"])).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            flops = float(cost.get("flops", 0.0))
-        except Exception:  # cost analysis is best effort
-            flops = None
     return {"framework": "jax", "mode": mode, "precision": prec, "batch": batch, "remat": bool(args.remat),
             "dispatch": args.dispatch if mode == "single" else None, "weight_ms": weight_ms, "arch_ms": arch_ms,
             "img_per_s": batch / weight_ms * 1000, "peak_mib": peak, "gpu_busy": busy, "compile_s": compile_s,
             "xla_flops_per_step": flops}
+
+
+class JaxChild:
+    """A ``--worker`` process for one JAX job; its stdout lines arrive on a queue (None at EOF), its
+    stderr goes to a temporary file so that a full pipe cannot block it."""
+
+    def __init__(self, batch: int, spec: str, args):
+        self.batch, self.parts = batch, spec.split(":")
+        cmd = [sys.executable, __file__, "--worker", "--mode", self.parts[0], "--precision", self.parts[1],
+               "--batch", str(batch), "--steps", str(args.steps)]
+        if "remat" in self.parts:
+            cmd.append("--remat")
+        if "switch" in self.parts:
+            cmd += ["--dispatch", "switch"]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_ready(self, deadline: float) -> str | None:
+        """None once the child prints READY; else why not (it exited, or missed the deadline and is killed)."""
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                self.proc.kill()
+                self.proc.wait()
+                return "not READY within --ready-timeout, killed"
+            if line == "READY":
+                return None
+            if line is None:
+                self.proc.wait()
+                return self._last_stderr()
+
+    def run(self, ready_error: str | None) -> dict:
+        """Send GO to a ready child and return its RESULT record, or the error record."""
+        rec, error = None, ready_error
+        if error is None:
+            with contextlib.suppress(BrokenPipeError):  # if it died after READY, its stderr tells why
+                self.proc.stdin.write("GO\n")
+                self.proc.stdin.flush()
+            for line in iter(self.lines.get, None):
+                if line.startswith("RESULT "):
+                    rec = json.loads(line[len("RESULT "):])
+            self.proc.wait()
+            error = None if rec else self._last_stderr()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        if rec is None:
+            mode = self.parts[0]
+            rec = {"framework": "jax", "mode": mode, "precision": self.parts[1], "batch": self.batch,
+                   "remat": "remat" in self.parts,
+                   "dispatch": ("switch" if "switch" in self.parts else "host") if mode == "single" else None,
+                   "error": error}
+        self.stderr.close()
+        return rec
+
+    def _last_stderr(self) -> str:
+        self.stderr.seek(0)
+        return (self.stderr.read().strip().splitlines() or ["?"])[-1][:300]
+
+
+def run_jax_wave(jobs: list[tuple[int, str]], args, add) -> None:
+    """Compile every job of the wave concurrently, then time them one at a time in job order."""
+    children = [JaxChild(batch, spec, args) for batch, spec in jobs]
+    deadline = time.monotonic() + args.ready_timeout
+    ready_errors = [child.wait_ready(deadline) for child in children]
+    for child, ready_error in zip(children, ready_errors):
+        rec = child.run(ready_error)
+        rec["compile_parallel"] = len(children)
+        print(json.dumps(rec), flush=True)
+        add(rec)
 
 
 # ================================================================================================ torch
@@ -211,12 +308,14 @@ def torch_records(batch: int, steps: int, data_dir: str | None, modes: list[str]
             rec["arch_ms"] = median_ms(lambda n: run(ta.arch_step, n), max(steps // 2, 5))
             rec["img_per_s"] = batch / rec["weight_ms"] * 1000
             rec["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else float("nan")
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                run(ta.weight_step, 20)
-            iv = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                  if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)]
-            rec["gpu_busy"] = union_busy(iv)
+            rec["gpu_busy"] = float("nan")
+            if dev.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    run(ta.weight_step, 20)
+                iv = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                      if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)]
+                rec["gpu_busy"] = union_busy(iv)
         except Exception as e:  # e.g. torch.compile failing on the data-dependent single path
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(json.dumps(rec), flush=True)
@@ -255,15 +354,30 @@ def roofline() -> dict:
 
 # ================================================================================================ report
 
+def record_key(rec: dict) -> tuple:
+    """What makes two records the same measurement (``--merge`` keeps only the newer)."""
+    return (rec["framework"], rec["mode"], rec["precision"], rec["batch"], rec["remat"], rec.get("dispatch"),
+            rec.get("profile_syncs", False))
+
+
+def _order(r: dict) -> tuple:
+    return (r["batch"], r["framework"] != "torch", r["mode"], r["precision"], bool(r.get("remat")),
+            bool(r.get("profile_syncs")))
+
+
 def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
-    recs = [r for r in result["records"] if "weight_ms" in r]
+    """Markdown table (ordered by batch, framework, mode) and a two-panel chart: img/s of every
+    configuration at the smallest batch, and img/s against the batch size."""
+    recs = sorted((r for r in result["records"] if "weight_ms" in r), key=_order)
     lines = ["| framework | mode | precision | batch | remat | weight ms | arch ms | img/s | peak MiB | GPU busy | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         mode = r["mode"] + (" (+profile syncs)" if r.get("profile_syncs") else "")
+        par = r.get("compile_parallel") or 1
+        compile_cell = f"{r['compile_s']:.1f}" + (f" ({par} at once)" if par > 1 else "")
         lines.append(f"| {r['framework']} | {mode} | {r['precision']} | {r['batch']} | {'yes' if r['remat'] else 'no'} | "
                      f"{r['weight_ms']:.2f} | {r['arch_ms']:.2f} | {r['img_per_s']:,.0f} | {r['peak_mib']:.0f} | "
-                     f"{r['gpu_busy']:.2f} | {r['compile_s']:.1f} |")
+                     f"{r['gpu_busy']:.2f} | {compile_cell} |")
     for r in result["records"]:
         if "error" in r:
             lines.append(f"| {r['framework']} | {r['mode']} | {r['precision']} | {r['batch']} | – | failed: {r['error']} |||||||")
@@ -271,16 +385,32 @@ def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    b128 = [r for r in recs if r["batch"] == min(x["batch"] for x in recs) and not r["remat"]]
-    labels = [f"{r['framework']}\n{r['mode']}{'+sync' if r.get('profile_syncs') else ''}\n{r['precision']}" for r in b128]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(b128)), 4.5))
-    colors = ["tab:red" if r["framework"] == "torch" else "tab:blue" for r in b128]
-    ax.bar(range(len(b128)), [r["img_per_s"] for r in b128], color=colors)
-    ax.set_xticks(range(len(b128)))
+    small = min((r["batch"] for r in recs), default=0)
+    first = [r for r in recs if r["batch"] == small and not r["remat"]]
+    labels = [f"{r['framework']}\n{r['mode']}{'+sync' if r.get('profile_syncs') else ''}\n{r['precision']}" for r in first]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(first)) + 5, 4.5),
+                                  gridspec_kw={"width_ratios": [max(8, 0.9 * len(first)), 5]})
+    ax.bar(range(len(first)), [r["img_per_s"] for r in first],
+           color=["tab:red" if r["framework"] == "torch" else "tab:blue" for r in first])
+    ax.set_xticks(range(len(first)))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("weight-step images / s")
     ax.set_yscale("log")
-    ax.set_title(f"`original` network, batch {b128[0]['batch'] if b128 else ''}, {result['device']} (red: PyTorch, blue: JAX)")
+    ax.set_title(f"`original` network, batch {small}, {result['device']} (red: PyTorch, blue: JAX)", fontsize=9)
+    series: dict[tuple, list] = {}
+    for r in recs:
+        if not r["remat"] and not r.get("profile_syncs"):
+            series.setdefault((r["framework"], r["mode"], r["precision"]), []).append((r["batch"], r["img_per_s"]))
+    for (fw, mode, prec), pts in series.items():
+        if len(pts) > 1:
+            ax2.plot(*zip(*sorted(pts)), marker="o", linestyle="-" if fw == "jax" else "--",
+                     label=f"{fw} {mode} {prec}")
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("batch size")
+    ax2.set_ylabel("weight-step images / s")
+    ax2.set_title("throughput against batch size", fontsize=9)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -296,11 +426,18 @@ def main() -> None:
     ap.add_argument("--torch-modes", default="allops,single,single_profiled,allops_compiled,single_compiled")
     ap.add_argument("--jax-configs", default="single:fp32,single:bf16,dense:fp32,dense:bf16,topk:fp32,topk:bf16,"
                                              "threshold:fp32,threshold:bf16,dense:bf16:remat,single:bf16:remat,"
-                                             "single:fp32:switch")
+                                             "single:fp32:switch",
+                    help="JAX configurations mode:precision[:remat][:switch], run at every batch of --batches, "
+                         "or only at batch B with a suffix @B (e.g. dense:bf16@512)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/compare_h100.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/results/compare_h100.md"))
     ap.add_argument("--png", default=str(ROOT / "docs/results/compare_h100.png"))
-    ap.add_argument("--merge", action="store_true", help="add to the records already in --out")
+    ap.add_argument("--jax-parallel", type=int, default=0,
+                    help="JAX children compiling at once (0: all; 1: one after the other); timing is always serial")
+    ap.add_argument("--ready-timeout", type=float, default=900,
+                    help="seconds a JAX wave may take to compile before a child that is not READY is killed")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the records already in --out, replacing those of a configuration measured again")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="single", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -315,52 +452,41 @@ def main() -> None:
     import torch
     import jax
     out_path = Path(args.out)
-    result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+    cuda = torch.cuda.is_available()
+    result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "date": datetime.date.today().isoformat(),
               "versions": {"torch": torch.__version__, "jax": jax.__version__, "python": sys.version.split()[0]},
               "command": "python " + " ".join(sys.argv), "records": []}
+    old_records, new_records = [], []  # with --merge, an old record goes when a new one of its key comes
     if args.merge and out_path.exists():
         old = json.loads(out_path.read_text())
-        result["records"] = old["records"]
+        old_records = old["records"]
+        result["records"] = list(old_records)
         result["roofline"] = old.get("roofline")
-    if "roofline" not in result or not result["roofline"]:
+    if not result.get("roofline") and cuda:
         result["roofline"] = roofline()
         print(json.dumps(result["roofline"]), flush=True)
 
-    def save():
+    def add(rec: dict) -> None:
+        old_records[:] = [r for r in old_records if record_key(r) != record_key(rec)]
+        new_records.append(rec)
+        result["records"] = old_records + new_records
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
 
-    torch_modes = args.torch_modes.split(",")
-    jax_cfgs = args.jax_configs.split(",")
-    for batch in [int(b) for b in args.batches.split(",")]:
-        if args.only_main:
-            torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16"]
-        if args.only != "jax":
-            result["records"] += torch_records(batch, args.steps, args.data_dir, torch_modes)
-            save()
-        if args.only == "torch":
-            continue
-        for spec in jax_cfgs:
-            parts = spec.split(":")
-            cmd = [sys.executable, __file__, "--worker", "--mode", parts[0], "--precision", parts[1],
-                   "--batch", str(batch), "--steps", str(args.steps)]
-            if "remat" in parts:
-                cmd.append("--remat")
-            if "switch" in parts:
-                cmd += ["--dispatch", "switch"]
-            if args.data_dir:
-                cmd += ["--data-dir", args.data_dir]
-            env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if lines:
-                rec = json.loads(lines[-1][len("RESULT "):])
-            else:
-                rec = {"framework": "jax", "mode": parts[0], "precision": parts[1], "batch": batch,
-                       "remat": "remat" in parts, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-            print(json.dumps(rec), flush=True)
-            result["records"].append(rec)
-            save()
+    batches = [int(b) for b in args.batches.split(",")]
+    torch_modes, jax_cfgs = args.torch_modes.split(","), args.jax_configs.split(",")
+    if args.only_main:
+        torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16"]
+    if args.only != "jax":
+        for batch in batches:
+            for rec in torch_records(batch, args.steps, args.data_dir, torch_modes):
+                add(rec)
+    if args.only != "torch":
+        jobs = [(int(spec.split("@")[1]), spec.split("@")[0]) if "@" in spec else (batch, spec)
+                for batch in batches for spec in jax_cfgs if "@" not in spec or batch == batches[0]]
+        wave = args.jax_parallel or len(jobs)
+        for i in range(0, len(jobs), wave):
+            run_jax_wave(jobs[i:i + wave], args, add)
     write_outputs(result, Path(args.md), Path(args.png))
     print(Path(args.md).read_text())
 

@@ -54,6 +54,8 @@ def plot(records: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in records:
+        if r["test_acc"] is None:  # a run that failed (its record says why) has no curve
+            continue
         pts = [p for p in r["curve"] if p[1] >= 50]
         label = f"{r['kind']} (seed {r['seed']}): {max(r['test_acc'], r['test_acc_tta']):.2f} % in {r['total_wall_s']:.0f} s"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
@@ -70,6 +72,7 @@ def plot(records: list[dict], png: Path) -> None:
 
 
 def main() -> None:
+    """Append the run given on the command line, then redraw the chart from every record."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", help="search workdir")
     ap.add_argument("--final-dir", help="final-training workdir (default: --run)")
