@@ -23,14 +23,17 @@ def init_alpha(key: jax.Array, rows: int, num_ops: int, scale: float) -> jax.Arr
     return scale * jax.random.normal(key, (rows, num_ops), jnp.float32)
 
 
+def straight_through(soft: jax.Array, idx: jax.Array) -> jax.Array:
+    """Hard weights ``[..., ops]``: the one-hot of ``idx`` ``[...]`` forward, the gradient of ``soft``."""
+    one_hot = jax.nn.one_hot(idx, soft.shape[-1], dtype=soft.dtype)
+    return one_hot - jax.lax.stop_gradient(soft) + soft
+
+
 def _gumbel_row(key: jax.Array, logits: jax.Array, tau: jax.Array, hard: bool) -> jax.Array:
     """One row: Gumbel-softmax sample ``[num_ops]``; hard = one-hot forward, soft gradient (straight-through)."""
     g = jax.random.gumbel(key, logits.shape, jnp.float32)
     soft = jax.nn.softmax((logits + g) / tau)
-    if not hard:
-        return soft
-    one_hot = jax.nn.one_hot(jnp.argmax(soft), logits.shape[-1], dtype=soft.dtype)
-    return one_hot - jax.lax.stop_gradient(soft) + soft
+    return straight_through(soft, jnp.argmax(soft)) if hard else soft
 
 
 def gumbel_softmax(key: jax.Array, alpha: jax.Array, tau: jax.Array, hard: bool) -> jax.Array:

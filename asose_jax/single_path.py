@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from asose_jax.arch import straight_through
 from asose_jax.config import Config
 from asose_jax.data import augment_batch, normalize
 from asose_jax.model import BlockSpec, NetSpec, apply_block, apply_head, conv_bn_relu
@@ -43,9 +44,7 @@ def gumbel_noise(seed: int, step: int, shape: tuple[int, int]) -> np.ndarray:
 def _coeff_and_vjp(alpha, noise, tau, idx):
     """Straight-through coefficient per row ``[rows]`` (value 1) and its VJP w.r.t. alpha."""
     def coeff(a):
-        soft = jax.nn.softmax((a + noise) / tau, axis=-1)
-        one_hot = jax.nn.one_hot(idx, a.shape[-1], dtype=soft.dtype)
-        st = one_hot - jax.lax.stop_gradient(soft) + soft
+        st = straight_through(jax.nn.softmax((a + noise) / tau, axis=-1), idx)
         return jnp.take_along_axis(st, idx[:, None], axis=1)[:, 0]
     return jax.vjp(coeff, alpha)
 
