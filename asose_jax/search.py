@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from asose_jax import config as config_lib
@@ -173,39 +174,55 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     return result
 
 
+def run_cli(action: Callable[[], None], debug: bool, bad_input: tuple[type[BaseException], ...], interrupted: str,
+            on_bad_input: Callable[[], None] = lambda: None) -> int:
+    """Run ``action`` and turn what a user can cause into one line on stderr and an exit code: an error of
+    ``bad_input`` -> 2 (after ``on_bad_input``), divergence -> 3, Ctrl-C -> 130 (with ``interrupted``),
+    success -> 0. With ``debug`` the errors propagate, full traceback included."""
+    from asose_jax.cycle import DivergenceError
+    try:
+        action()
+    except bad_input as e:
+        on_bad_input()
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except DivergenceError as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from asose_jax.arch import GenotypeError
     from asose_jax.checkpoint import CheckpointError
-    from asose_jax.cycle import DivergenceError
     from asose_jax.data import DataError
-    workdir, created = None, False
-    try:
+    run: dict = {"workdir": None, "created": False}
+
+    def search() -> None:
         cfg, name = resolve_config(args)
-        workdir = Path(args.workdir or Path("runs") / name)
-        created = check_workdir(workdir, cfg)
+        run["workdir"] = workdir = Path(args.workdir or Path("runs") / name)
+        run["created"] = check_workdir(workdir, cfg)
         enable_compilation_cache()
         t0 = time.perf_counter()
         result = run_search(cfg, workdir, progress=not args.no_progress)
-    except (ConfigError, DataError, UsageError, GenotypeError, CheckpointError) as e:
-        if created:  # a workdir this call made and left empty: remove it again
-            _remove_if_empty(workdir)
-        if args.debug:
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except DivergenceError as e:
-        if args.debug:
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print("interrupted: queued checkpoints were written; re-run the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    logger.info("done in %.1f s: arch-val %.2f %%, test %.2f %%; genotype %s", time.perf_counter() - t0,
-                result["arch_val_acc"], result["test_acc"], workdir / "genotype.json")
-    return 0
+        logger.info("done in %.1f s: arch-val %.2f %%, test %.2f %%; genotype %s", time.perf_counter() - t0,
+                    result["arch_val_acc"], result["test_acc"], workdir / "genotype.json")
+
+    def forget_new_workdir() -> None:  # a workdir this call made and left empty goes again
+        if run["created"]:
+            _remove_if_empty(run["workdir"])
+
+    return run_cli(search, args.debug, (ConfigError, DataError, UsageError, GenotypeError, CheckpointError),
+                   "queued checkpoints were written; re-run the same command to resume", forget_new_workdir)
 
 
 def _one_line(e: BaseException) -> str:

@@ -507,14 +507,14 @@ def build_train_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asose_jax.cycle import DivergenceError
     from asose_jax.data import DataError, load_dataset
-    from asose_jax.search import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, UsageError, enable_compilation_cache,
-                                  prepare_workdir, resolve_config, setup_logging)
+    from asose_jax.search import (UsageError, enable_compilation_cache, prepare_workdir, resolve_config, run_cli,
+                                  setup_logging)
 
     args = build_train_parser().parse_args(argv)
     setup_logging(args.quiet)
-    try:
+
+    def train() -> None:
         cfg, _ = resolve_config(args)
         genotype = load_genotype(args.genotype, tuple(OP_REGISTRY))
         validate_genotype(genotype, where=f"genotype {args.genotype}")
@@ -526,23 +526,11 @@ def main(argv: list[str] | None = None) -> int:
         result = train_final(cfg, genotype, data, workdir, progress=not args.no_progress)
         metrics = [json.loads(line) for line in (workdir / "final_metrics.jsonl").read_text().splitlines() if line]
         write_final_summary(workdir, result, spec, metrics)
-    except (ConfigError, DataError, UsageError, GenotypeError, FinalResumeError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except DivergenceError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted: the last epoch's checkpoint was written; re-run the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(f"test accuracy {result['test_acc']:.2f} % (flip-TTA {result['test_acc_tta']:.2f} %); "
-          f"{workdir / 'final.json'}")
-    return 0
+        print(f"test accuracy {result['test_acc']:.2f} % (flip-TTA {result['test_acc_tta']:.2f} %); "
+              f"{workdir / 'final.json'}")
+
+    return run_cli(train, args.debug, (ConfigError, DataError, UsageError, GenotypeError, FinalResumeError),
+                   "the last epoch's checkpoint was written; re-run the same command to resume")
 
 
 if __name__ == "__main__":
