@@ -239,6 +239,20 @@ class JaxChild:
         return (self.stderr.read().strip().splitlines() or ["?"])[-1][:300]
 
 
+def jax_jobs(batches: list[int], specs: list[str]) -> list[tuple[int, str]]:
+    """(batch, config) pairs in the order given: a config ``name@B`` runs once, at batch B; the others
+    at every batch of ``batches``."""
+    jobs = []
+    for batch in batches:
+        for spec in specs:
+            name, _, pinned = spec.partition("@")
+            if not pinned:
+                jobs.append((batch, name))
+            elif batch == batches[0]:
+                jobs.append((int(pinned), name))
+    return jobs
+
+
 def run_jax_wave(jobs: list[tuple[int, str]], args, add) -> None:
     """Compile every job of the wave concurrently, then time them one at a time in job order."""
     children = [JaxChild(batch, spec, args) for batch, spec in jobs]
@@ -482,8 +496,7 @@ def main() -> None:
             for rec in torch_records(batch, args.steps, args.data_dir, torch_modes):
                 add(rec)
     if args.only != "torch":
-        jobs = [(int(spec.split("@")[1]), spec.split("@")[0]) if "@" in spec else (batch, spec)
-                for batch in batches for spec in jax_cfgs if "@" not in spec or batch == batches[0]]
+        jobs = jax_jobs(batches, jax_cfgs)
         wave = args.jax_parallel or len(jobs)
         for i in range(0, len(jobs), wave):
             run_jax_wave(jobs[i:i + wave], args, add)
