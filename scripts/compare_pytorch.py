@@ -1,9 +1,13 @@
 """Side-by-side PyTorch vs JAX on one GPU: step time, img/s, peak memory, GPU busy fraction, compile time.
 
-    python scripts/compare_pytorch.py                      # batch 128, every configuration
-    python scripts/compare_pytorch.py --batches 128,256,512 --only-main
+    python scripts/compare_pytorch.py                      # every configuration, batches 128, 256, 512
+    python scripts/compare_pytorch.py --resume             # the same, measuring only what --out lacks
+    python scripts/compare_pytorch.py --batches 128 --only-main
 
-One command. The PyTorch configurations of every batch size run first, in this process; then each
+One command. By default: PyTorch `allops` and `single` at every batch, its profiled and compiled variants at
+batch 128; JAX `single` and `dense` in fp32 and bf16 at every batch, and at batch 128 `topk` and `threshold`,
+every mode with remat, and the in-program `lax.switch` single path (``DEFAULT_JAX_CONFIGS``). That takes
+about 40 minutes on an H100, mostly JAX compilation; ``--resume`` continues an interrupted run. The PyTorch configurations of every batch size run first, in this process; then each
 JAX configuration (of every batch size) runs in a child process (``--worker``) with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its ``peak_bytes_in_use`` belongs to that configuration
 alone. Both sides train the `original` network (C0=32, L=4) on the same uint8 batches (synthetic by
@@ -239,6 +243,25 @@ class JaxChild:
         return (self.stderr.read().strip().splitlines() or ["?"])[-1][:300]
 
 
+# the issue's matrix: every mode in both precisions, with and without remat, at batch 128; the plain modes
+# at every batch; the in-program `lax.switch` single path for reference
+DEFAULT_JAX_CONFIGS = (
+    ["single:fp32", "single:bf16", "dense:fp32", "dense:bf16"]
+    + [f"{m}:{p}@128" for m in ("topk", "threshold") for p in ("fp32", "bf16")]
+    + [f"{m}:{p}:remat@128" for m in ("single", "dense", "topk", "threshold") for p in ("fp32", "bf16")]
+    + ["single:fp32:switch@128"])
+
+
+def at_batch(specs: list[str], batch: int) -> list[str]:
+    """The names of ``specs`` (``name`` or ``name@B``) that run at ``batch``."""
+    out = []
+    for spec in specs:
+        name, _, pinned = spec.partition("@")
+        if not pinned or int(pinned) == batch:
+            out.append(name)
+    return out
+
+
 def jax_jobs(batches: list[int], specs: list[str]) -> list[tuple[int, str]]:
     """(batch, config) pairs in the order given: a config ``name@B`` runs once, at batch B; the others
     at every batch of ``batches``."""
@@ -374,6 +397,21 @@ def record_key(rec: dict) -> tuple:
             rec.get("profile_syncs", False))
 
 
+def torch_key(name: str, batch: int) -> tuple:
+    """The record key a PyTorch mode name of ``--torch-modes`` produces at ``batch``."""
+    compiled = name.endswith("_compiled")
+    base = name.replace("_compiled", "").replace("_profiled", "")
+    mode = name if compiled else base
+    return ("torch", mode, "bf16" if compiled else "fp32", batch, False, None, name.endswith("_profiled"))
+
+
+def jax_key(batch: int, spec: str) -> tuple:
+    """The record key of a JAX configuration ``mode:precision[:remat][:switch]`` at ``batch``."""
+    parts = spec.split(":")
+    dispatch = ("switch" if "switch" in parts else "host") if parts[0] == "single" else None
+    return ("jax", parts[0], parts[1], batch, "remat" in parts, dispatch, False)
+
+
 def _order(r: dict) -> tuple:
     return (r["batch"], r["framework"] != "torch", r["mode"], r["precision"], bool(r.get("remat")),
             bool(r.get("profile_syncs")))
@@ -432,26 +470,29 @@ def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", default="128")
+    ap.add_argument("--batches", default="128,256,512")
     ap.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
     ap.add_argument("--data-dir", default=None, help="cifar-10-batches-py dir for real batches (default: synthetic)")
     ap.add_argument("--only", choices=["torch", "jax"], default=None)
     ap.add_argument("--only-main", action="store_true", help="only torch allops/single, JAX dense bf16 and single")
-    ap.add_argument("--torch-modes", default="allops,single,single_profiled,allops_compiled,single_compiled")
-    ap.add_argument("--jax-configs", default="single:fp32,single:bf16,dense:fp32,dense:bf16,topk:fp32,topk:bf16,"
-                                             "threshold:fp32,threshold:bf16,dense:bf16:remat,single:bf16:remat,"
-                                             "single:fp32:switch",
+    ap.add_argument("--torch-modes", default="allops,single,single_profiled@128,allops_compiled@128,single_compiled@128",
+                    help="PyTorch modes, run at every batch of --batches, or only at batch B with a suffix @B")
+    ap.add_argument("--jax-configs", default=",".join(DEFAULT_JAX_CONFIGS),
                     help="JAX configurations mode:precision[:remat][:switch], run at every batch of --batches, "
                          "or only at batch B with a suffix @B (e.g. dense:bf16@512)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/compare_h100.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/results/compare_h100.md"))
     ap.add_argument("--png", default=str(ROOT / "docs/results/compare_h100.png"))
-    ap.add_argument("--jax-parallel", type=int, default=0,
-                    help="JAX children compiling at once (0: all; 1: one after the other); timing is always serial")
+    ap.add_argument("--jax-parallel", type=int, default=3,
+                    help="JAX children compiling at once (default 3; 0: all; 1: one after the other); timing is "
+                         "always serial. More than ~3 contend for the GPU's autotuner and compile slower")
     ap.add_argument("--ready-timeout", type=float, default=900,
                     help="seconds a JAX wave may take to compile before a child that is not READY is killed")
     ap.add_argument("--merge", action="store_true",
                     help="keep the records already in --out, replacing those of a configuration measured again")
+    ap.add_argument("--resume", action="store_true",
+                    help="like --merge, and skip every configuration that --out already holds without an error: "
+                         "re-running the same command after an interruption measures only what is missing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="single", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -471,7 +512,7 @@ def main() -> None:
               "versions": {"torch": torch.__version__, "jax": jax.__version__, "python": sys.version.split()[0]},
               "command": "python " + " ".join(sys.argv), "records": []}
     old_records, new_records = [], []  # with --merge, an old record goes when a new one of its key comes
-    if args.merge and out_path.exists():
+    if (args.merge or args.resume) and out_path.exists():
         old = json.loads(out_path.read_text())
         old_records = old["records"]
         result["records"] = list(old_records)
@@ -491,12 +532,14 @@ def main() -> None:
     torch_modes, jax_cfgs = args.torch_modes.split(","), args.jax_configs.split(",")
     if args.only_main:
         torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16"]
+    done = {record_key(r) for r in old_records if "error" not in r} if args.resume else set()
     if args.only != "jax":
         for batch in batches:
-            for rec in torch_records(batch, args.steps, args.data_dir, torch_modes):
+            modes = [m for m in at_batch(torch_modes, batch) if torch_key(m, batch) not in done]
+            for rec in torch_records(batch, args.steps, args.data_dir, modes):
                 add(rec)
     if args.only != "torch":
-        jobs = jax_jobs(batches, jax_cfgs)
+        jobs = [(b, spec) for b, spec in jax_jobs(batches, jax_cfgs) if jax_key(b, spec) not in done]
         wave = args.jax_parallel or len(jobs)
         for i in range(0, len(jobs), wave):
             run_jax_wave(jobs[i:i + wave], args, add)
