@@ -6,8 +6,9 @@
 
 One command. By default: PyTorch `allops` and `single` at every batch, its profiled and compiled variants at
 batch 128; JAX `single` and `dense` in fp32 and bf16 at every batch, and at batch 128 `topk` and `threshold`,
-every mode with remat, and the in-program `lax.switch` single path (``DEFAULT_JAX_CONFIGS``). That takes
-about 40 minutes on an H100, mostly JAX compilation; ``--resume`` continues an interrupted run. The PyTorch configurations of every batch size run first, in this process; then each
+every mode with remat, and the in-program `lax.switch` single path (``DEFAULT_JAX_CONFIGS``). By the measured
+compile and step times that takes about 40 minutes on an H100, mostly JAX compilation; ``--resume``
+continues an interrupted run. The PyTorch configurations of every batch size run first, in this process; then each
 JAX configuration (of every batch size) runs in a child process (``--worker``) with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its ``peak_bytes_in_use`` belongs to that configuration
 alone. Both sides train the `original` network (C0=32, L=4) on the same uint8 batches (synthetic by
@@ -230,11 +231,7 @@ class JaxChild:
         with contextlib.suppress(BrokenPipeError):
             self.proc.stdin.close()
         if rec is None:
-            mode = self.parts[0]
-            rec = {"framework": "jax", "mode": mode, "precision": self.parts[1], "batch": self.batch,
-                   "remat": "remat" in self.parts,
-                   "dispatch": ("switch" if "switch" in self.parts else "host") if mode == "single" else None,
-                   "error": error}
+            rec = {**jax_record_head(self.batch, ":".join(self.parts)), "error": error}
         self.stderr.close()
         return rec
 
@@ -274,6 +271,15 @@ def jax_jobs(batches: list[int], specs: list[str]) -> list[tuple[int, str]]:
             elif batch == batches[0]:
                 jobs.append((int(pinned), name))
     return jobs
+
+
+def pending(batches: list[int], torch_modes: list[str], jax_cfgs: list[str], measured: list[dict]):
+    """What is left to run: ``[(batch, [torch mode, ...]), ...]`` and the JAX ``[(batch, config), ...]``, leaving
+    out every configuration that ``measured`` (earlier records) holds without an error."""
+    done = {record_key(r) for r in measured if "error" not in r}
+    torch_todo = [(b, [m for m in at_batch(torch_modes, b) if torch_key(m, b) not in done]) for b in batches]
+    return ([(b, modes) for b, modes in torch_todo if modes],
+            [(b, spec) for b, spec in jax_jobs(batches, jax_cfgs) if jax_key(b, spec) not in done])
 
 
 def run_jax_wave(jobs: list[tuple[int, str]], args, add) -> None:
@@ -329,10 +335,7 @@ def torch_records(batch: int, steps: int, data_dir: str | None, modes: list[str]
                     fn(runner, opt_w if fn is ta.weight_step else opt_a, inputs[i], yb[i])
                 box["i"] += 1
             sync()
-        rec = {"framework": "torch", "mode": "single" if base_mode == "single" and not compiled else name,
-               "precision": "bf16" if compiled else "fp32", "batch": batch, "remat": False}
-        if name.endswith("_profiled"):
-            rec.update(mode="single", profile_syncs=True)
+        rec = torch_record_head(name, batch)
         try:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -397,19 +400,29 @@ def record_key(rec: dict) -> tuple:
             rec.get("profile_syncs", False))
 
 
-def torch_key(name: str, batch: int) -> tuple:
-    """The record key a PyTorch mode name of ``--torch-modes`` produces at ``batch``."""
+def torch_record_head(name: str, batch: int) -> dict:
+    """The identifying fields of the record of PyTorch mode ``name`` (of ``--torch-modes``) at ``batch``."""
     compiled = name.endswith("_compiled")
-    base = name.replace("_compiled", "").replace("_profiled", "")
-    mode = name if compiled else base
-    return ("torch", mode, "bf16" if compiled else "fp32", batch, False, None, name.endswith("_profiled"))
+    rec = {"framework": "torch", "mode": name if compiled else name.replace("_profiled", ""),
+           "precision": "bf16" if compiled else "fp32", "batch": batch, "remat": False}
+    if name.endswith("_profiled"):
+        rec["profile_syncs"] = True
+    return rec
+
+
+def jax_record_head(batch: int, spec: str) -> dict:
+    """The identifying fields of the record of JAX configuration ``mode:precision[:remat][:switch]``."""
+    parts = spec.split(":")
+    return {"framework": "jax", "mode": parts[0], "precision": parts[1], "batch": batch, "remat": "remat" in parts,
+            "dispatch": ("switch" if "switch" in parts else "host") if parts[0] == "single" else None}
+
+
+def torch_key(name: str, batch: int) -> tuple:
+    return record_key(torch_record_head(name, batch))
 
 
 def jax_key(batch: int, spec: str) -> tuple:
-    """The record key of a JAX configuration ``mode:precision[:remat][:switch]`` at ``batch``."""
-    parts = spec.split(":")
-    dispatch = ("switch" if "switch" in parts else "host") if parts[0] == "single" else None
-    return ("jax", parts[0], parts[1], batch, "remat" in parts, dispatch, False)
+    return record_key(jax_record_head(batch, spec))
 
 
 def _order(r: dict) -> tuple:
@@ -532,14 +545,12 @@ def main() -> None:
     torch_modes, jax_cfgs = args.torch_modes.split(","), args.jax_configs.split(",")
     if args.only_main:
         torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16"]
-    done = {record_key(r) for r in old_records if "error" not in r} if args.resume else set()
+    torch_todo, jobs = pending(batches, torch_modes, jax_cfgs, old_records if args.resume else [])
     if args.only != "jax":
-        for batch in batches:
-            modes = [m for m in at_batch(torch_modes, batch) if torch_key(m, batch) not in done]
+        for batch, modes in torch_todo:
             for rec in torch_records(batch, args.steps, args.data_dir, modes):
                 add(rec)
     if args.only != "torch":
-        jobs = [(b, spec) for b, spec in jax_jobs(batches, jax_cfgs) if jax_key(b, spec) not in done]
         wave = args.jax_parallel or len(jobs)
         for i in range(0, len(jobs), wave):
             run_jax_wave(jobs[i:i + wave], args, add)

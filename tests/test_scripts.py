@@ -1,0 +1,69 @@
+"""The bookkeeping of the benchmark scripts: which configurations `compare_pytorch.py --resume` still has to
+run, and how `ablation_genotypes.py` keeps a searched genotype's layout."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import compare_pytorch as cp  # noqa: E402
+
+
+def test_pins_run_a_configuration_at_one_batch_only():
+    assert cp.at_batch(["allops", "single_profiled@128"], 256) == ["allops"]
+    assert cp.at_batch(["allops", "single_profiled@128"], 128) == ["allops", "single_profiled"]
+    assert cp.jax_jobs([128, 512], ["dense:bf16", "topk:fp32@128"]) == [
+        (128, "dense:bf16"), (128, "topk:fp32"), (512, "dense:bf16")]
+
+
+def test_default_matrix_covers_every_mode_precision_and_remat_at_128():
+    jobs = set(cp.jax_jobs([128, 256, 512], list(cp.DEFAULT_JAX_CONFIGS)))
+    for mode in ("single", "dense", "topk", "threshold"):
+        for prec in ("fp32", "bf16"):
+            assert (128, f"{mode}:{prec}") in jobs and (128, f"{mode}:{prec}:remat") in jobs
+    assert (512, "single:bf16") in jobs and (512, "topk:bf16") not in jobs
+
+
+def test_resume_skips_measured_configurations_but_not_failed_ones():
+    torch_modes = ["allops", "single", "single_profiled@128", "allops_compiled@128"]
+    jax_cfgs = ["single:bf16", "dense:bf16:remat@128", "single:fp32:switch@128"]
+    measured = [
+        {**cp.torch_record_head("single_profiled", 128), "weight_ms": 1.0},
+        {**cp.torch_record_head("allops", 256), "weight_ms": 1.0},
+        {**cp.torch_record_head("allops_compiled", 128), "error": "RuntimeError: x"},
+        {**cp.jax_record_head(128, "dense:bf16:remat"), "weight_ms": 1.0},
+        {**cp.jax_record_head(256, "single:bf16"), "weight_ms": 1.0},
+        {**cp.jax_record_head(128, "single:fp32:switch"), "error": "killed"},
+    ]
+    torch_todo, jax_todo = cp.pending([128, 256], torch_modes, jax_cfgs, measured)
+    assert torch_todo == [(128, ["allops", "single", "allops_compiled"]), (256, ["single"])]
+    assert jax_todo == [(128, "single:bf16"), (128, "single:fp32:switch")]
+    # nothing measured: everything runs
+    torch_all, jax_all = cp.pending([128, 256], torch_modes, jax_cfgs, [])
+    assert sum(len(m) for _, m in torch_all) == 6 and len(jax_all) == 4
+
+
+def test_record_heads_match_the_worker_records():
+    """A JAX worker builds its record from its command-line flags; the key must be the one --resume looks for."""
+    rec = {"framework": "jax", "mode": "single", "precision": "fp32", "batch": 128, "remat": False,
+           "dispatch": "switch", "weight_ms": 1.0}
+    assert cp.record_key(rec) == cp.jax_key(128, "single:fp32:switch")
+    assert cp.record_key({"framework": "torch", "mode": "single", "precision": "fp32", "batch": 128,
+                          "remat": False, "profile_syncs": True}) == cp.torch_key("single_profiled", 128)
+
+
+def test_ablation_genotypes_keep_the_layout(tmp_path):
+    searched = {"blocks": [{"c_in": 8, "c_out": 8, "stride": 1}] * 3, "ops": ["sep_conv_7x7", "conv_3x3", "max_pool_3x3"],
+                "op_set": ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_7x7", "conv_3x3"],
+                "skeleton": "resnet", "num_classes": 10, "stem_channels": 8}
+    g = tmp_path / "genotype.json"
+    g.write_text(json.dumps(searched))
+    subprocess.run([sys.executable, str(ROOT / "scripts/ablation_genotypes.py"), str(g), "--out", str(tmp_path / "abl"),
+                    "--parametric-only", "--seed", "3"], check=True, capture_output=True)
+    rand = json.loads((tmp_path / "abl/random_s3.json").read_text())
+    sep3 = json.loads((tmp_path / "abl/all_sep_conv_3x3.json").read_text())
+    assert rand["blocks"] == sep3["blocks"] == searched["blocks"]
+    assert set(rand["ops"]) <= {"sep_conv_3x3", "sep_conv_7x7", "conv_3x3"}
+    assert sep3["ops"] == ["sep_conv_3x3"] * 3
