@@ -2,14 +2,15 @@
 and redraw the accuracy-vs-wall-clock chart from every record there.
 
     python scripts/record_accuracy.py --run runs/c95 --config configs/cifar10_95.py --kind searched \\
-        [--final-dir DIR] [--process-wall-s S] [--out docs/results/accuracy_h100.json] [--png ...]
+        [--final-dir DIR] [--process-wall-s S] [--note TEXT] [--out docs/results/accuracy_h100.json] [--png ...]
 
 ``--run`` is a search workdir (``result.json``, ``metrics.jsonl``, ``genotype.json``); for a final training
 alone (the ablation: ``python -m asose_jax.train``) pass its workdir as ``--final-dir`` and leave ``--run``
 out. ``--process-wall-s`` is the wall time of the command(s) as measured outside Python (all resumed
 segments summed, interpreter start and data loading included); it is stored next to the run's own clock.
 Record fields: ``config, kind, seed, search_wall_s, final_wall_s, total_wall_s, process_wall_s, test_acc,
-test_acc_tta, best_of, params, genotype, device, date, curve`` (``curve``: [wall s, accuracy %, what]).
+test_acc_tta, best_of, params, genotype, device, date, curve`` (``curve``: [wall s, accuracy %, what]), and
+``note`` when given.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--kind", default="searched", help="searched | random_s<seed> | all_sep_conv_3x3 | ...")
     ap.add_argument("--process-wall-s", type=float, default=None)
     ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--note", default=None, help="free text stored with the record (how the run was made)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/accuracy_h100.json"))
     ap.add_argument("--png", default=str(ROOT / "docs/results/accuracy_vs_wall.png"))
     args = ap.parse_args()
@@ -87,7 +89,10 @@ def main() -> None:
         raise SystemExit("error: give --run (search workdir) or --final-dir (final-training workdir)")
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.exists() else []
-    records.append(build_record(args))
+    record = build_record(args)
+    if args.note:
+        record["note"] = args.note
+    records.append(record)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     plot(records, Path(args.png))
