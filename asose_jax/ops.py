@@ -29,8 +29,12 @@ BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-5
 
 # Depthwise formulation: "lax" (grouped conv), "shift" (k*k shifted multiply-adds that XLA fuses) or
-# "auto" (shift where XLA's grouped conv is slow on GPU: dilation > 1, or 7x7 in fp32; see docs/benchmarks.md).
+# "auto": shift where it measured faster on an H100 (scripts/bench_ops.py, docs/benchmarks.md section 2, all
+# four block shapes of the `original` network, C 32-128, both dtypes): dilation > 1; 3x3 up to the widest
+# measured width, SHIFT_3X3_MAX_CHANNELS; 7x7 in fp32. XLA's grouped conv stays for 5x5, for 7x7 in bf16 and for
+# 3x3 at widths not measured.
 DEPTHWISE_IMPL = {"impl": "auto"}
+SHIFT_3X3_MAX_CHANNELS = 128
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -56,18 +60,19 @@ def conv2d(x: jax.Array, w: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)), 
         precision=exact_precision(x.dtype))
 
 
-def _use_shift(k: int, dilation: int, dtype) -> bool:
+def _use_shift(k: int, dilation: int, dtype, channels: int) -> bool:
     impl = DEPTHWISE_IMPL["impl"]
     if impl != "auto":
         return impl == "shift"
-    return dilation > 1 or (k >= 7 and dtype == jnp.float32)
+    return (dilation > 1 or (k == 3 and channels <= SHIFT_3X3_MAX_CHANNELS)
+            or (k >= 7 and dtype == jnp.float32))
 
 
 def depthwise_conv(x: jax.Array, w: jax.Array, stride: int, dilation: int = 1) -> jax.Array:
     """Depthwise k x k conv, 'same'-style padding ``dilation*(k//2)``. ``w``: ``[k, k, 1, C]``."""
     k = w.shape[0]
     pad = dilation * (k // 2)
-    if not _use_shift(k, dilation, x.dtype):
+    if not _use_shift(k, dilation, x.dtype, x.shape[-1]):
         return conv2d(x, w, (stride, stride), ((pad, pad), (pad, pad)), (dilation, dilation), groups=x.shape[-1])
     n, h, wd, c = x.shape
     ho = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
