@@ -17,11 +17,16 @@ recipe on the same blocks with every op ``sep_conv_3x3`` reached 95.17 %. Since 
   step: 315 s, twice run 1's 157 s one by one, because XLA's GPU autotuner runs its candidate kernels on
   the one GPU, and 8 threads autotuning at once contend for it (XLA warned that its timer kernel timed out).
 
+Run 3 (H100, 2026-11-27, this file): search 441.5 s + final 257.8 s (720 s of process time, one resume),
+94.16 % with flip-TTA; a random parametric genotype on the same blocks 94.29 %, all-``sep_conv_3x3`` 95.23 %.
+The search still picks the highest-capacity ops (full convolutions, 7x7 kernels): docs/benchmarks.md section 5.
+
 Reproduce run 1 with ``--set arch.max_parameter_free=-1 --set arch.lr=0.005 --set mixed_op.arch_mode=``.
 
 ``python -m asose_jax.search --config configs/cifar10_95.py --workdir runs/c95`` runs a short ASO-SE search
 on the ``resnet`` skeleton, then the final training of the derived network (``final.enabled``). The budget
-is ~900 s in all, roughly a third for the search and the rest for the final training.
+is 900 s in all; run 3 spent 441 s searching (340 s of it in the three epochs that compiled) and 258 s in
+the final training.
 
 Search (what the alpha step sees is the held-out arch-val split, 10k of the 50k; never the test set):
 
@@ -50,9 +55,8 @@ Final training (``final``; the recipe of fast ResNet trainers, airbench-style):
 * ``resnet`` skeleton, stem width 128 (128/256/512 channels, stages doubling; the searched widths are
   replaced): the search's C0=32 is too narrow for 95 %. Measured on the H100: 30,300 img/s, 2.9 s per
   epoch for 9 blocks; all-``sep_conv_3x3`` on the run-1 blocks reached 95.17 % (flip-TTA) in 149 s.
-* 60 epochs over all 50k images (40 in runs 1 and 2: the search and 40 epochs took ~400-550 s by the
-  measured rates, so 20 more epochs, ~80 s, still leave the run well inside 900 s), batch 512, SGD Nesterov momentum 0.9, LR 0.4 (0.1 per 128 images)
-  with 2 linear warm-up epochs then cosine to 0, stepped per step; L2 5e-4 on conv/linear weights only.
+* 60 epochs over all 50k images (40 in runs 1 and 2), batch 512, SGD Nesterov momentum 0.9, LR 0.4 (0.1 per
+  128 images) with 2 linear warm-up epochs then cosine to 0, stepped per step; L2 5e-4 on conv/linear weights.
 * label smoothing 0.2, random crop (4-pixel pad) + flip + cutout 8.
 * EMA of the weights, decay 0.99 (~1 epoch horizon; evaluated with the live BN statistics), flip-TTA
   reported alongside the plain test accuracy. bf16 compute, fp32 master weights.
