@@ -214,14 +214,21 @@ class JaxChild:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
+    def _next_line(self, deadline: float) -> str | None:
+        """The child's next stdout line (None at its end); at the deadline, kill it and raise TimeoutError."""
+        try:
+            return self.lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            self.proc.kill()
+            self.proc.wait()
+            raise TimeoutError from None
+
     def wait_ready(self, deadline: float) -> str | None:
         """None once the child prints READY; else why not (it exited, or missed the deadline and is killed)."""
         while True:
             try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                self.proc.kill()
-                self.proc.wait()
+                line = self._next_line(deadline)
+            except TimeoutError:
                 return "not READY within --ready-timeout, killed"
             if line == "READY":
                 return None
@@ -234,10 +241,8 @@ class JaxChild:
         rec = None
         while True:
             try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                self.proc.kill()
-                self.proc.wait()
+                line = self._next_line(deadline)
+            except TimeoutError:
                 return {"error": "not compiled within --ready-timeout, killed"}
             if line is None:
                 break
