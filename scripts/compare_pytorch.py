@@ -325,7 +325,8 @@ def run_jax_wave(jobs: list[tuple[int, str]], args, add) -> None:
     """Compile every job of the wave concurrently into its own cache, then load and time them one at a time."""
     with tempfile.TemporaryDirectory(prefix="compare_xla_") as root:
         caches = [str(Path(root) / str(i)) for i in range(len(jobs))]
-        compilers = [JaxChild(batch, spec, args, cache, compile_only=True) for (batch, spec), cache in zip(jobs, caches)]
+        compilers = [JaxChild(batch, spec, args, cache, compile_only=True)
+                     for (batch, spec), cache in zip(jobs, caches)]
         deadline = time.monotonic() + args.ready_timeout
         compiled = [child.compiled(deadline) for child in compilers]
         for (batch, spec), cache, comp in zip(jobs, caches, compiled):
@@ -491,7 +492,8 @@ def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
         # JAX peaks of records from before the two-child measurement include the autotuner's scratch: bounds
         bound = "<= " if r["framework"] == "jax" and not r.get("peak_after_cache_load") else ""
         lines.append(f"| {r['framework']} | {mode} | {r['precision']} | {r['batch']} | {'yes' if r['remat'] else 'no'} | "
-                     f"{r['weight_ms']:.2f} | {r['arch_ms']:.2f} | {r['img_per_s']:,.0f} | {bound}{r['peak_mib']:.0f} | "
+                     f"{r['weight_ms']:.2f} | {r['arch_ms']:.2f} | {r['img_per_s']:,.0f} | "
+                     f"{bound}{r['peak_mib']:.0f} | "
                      f"{r['gpu_busy']:.2f} | {compile_cell} |")
     for r in result["records"]:
         if "error" in r:
@@ -539,7 +541,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None, help="cifar-10-batches-py dir for real batches (default: synthetic)")
     ap.add_argument("--only", choices=["torch", "jax"], default=None)
     ap.add_argument("--only-main", action="store_true", help="only torch allops/single, JAX dense bf16 and single")
-    ap.add_argument("--torch-modes", default="allops,single,single_profiled@128,allops_compiled@128,single_compiled@128",
+    ap.add_argument("--torch-modes",
+                    default="allops,single,single_profiled@128,allops_compiled@128,single_compiled@128",
                     help="PyTorch modes, run at every batch of --batches, or only at batch B with a suffix @B")
     ap.add_argument("--jax-configs", default=",".join(DEFAULT_JAX_CONFIGS),
                     help="JAX configurations mode:precision[:remat][:switch], run at every batch of --batches, "

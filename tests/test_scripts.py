@@ -55,7 +55,8 @@ def test_record_heads_match_the_worker_records():
 
 
 def test_ablation_genotypes_keep_the_layout(tmp_path):
-    searched = {"blocks": [{"c_in": 8, "c_out": 8, "stride": 1}] * 3, "ops": ["sep_conv_7x7", "conv_3x3", "max_pool_3x3"],
+    searched = {"blocks": [{"c_in": 8, "c_out": 8, "stride": 1}] * 3,
+                "ops": ["sep_conv_7x7", "conv_3x3", "max_pool_3x3"],
                 "op_set": ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_7x7", "conv_3x3"],
                 "skeleton": "resnet", "num_classes": 10, "stem_channels": 8}
     g = tmp_path / "genotype.json"
