@@ -214,14 +214,28 @@ class JaxChild:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
-    def _next_line(self, deadline: float) -> str | None:
-        """The child's next stdout line (None at its end); at the deadline, kill it and raise TimeoutError."""
+    def _next_line(self, deadline: float | None) -> str | None:
+        """The child's next stdout line (None at its end); past ``deadline``, kill it and raise TimeoutError."""
         try:
-            return self.lines.get(timeout=max(deadline - time.monotonic(), 0))
+            return self.lines.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
         except queue.Empty:
             self.proc.kill()
             self.proc.wait()
             raise TimeoutError from None
+
+    def _result(self, deadline: float | None = None) -> dict | None:
+        """The RESULT record the child prints before it exits (None if it prints none); waits for the exit."""
+        rec = None
+        while (line := self._next_line(deadline)) is not None:
+            if line.startswith("RESULT "):
+                rec = json.loads(line[len("RESULT "):])
+        self.proc.wait()
+        return rec
+
+    def _close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.stderr.close()
 
     def wait_ready(self, deadline: float) -> str | None:
         """None once the child prints READY; else why not (it exited, or missed the deadline and is killed)."""
@@ -238,22 +252,12 @@ class JaxChild:
 
     def compiled(self, deadline: float) -> dict:
         """The RESULT of a ``--compile-only`` child (``compile_s``, ``xla_flops_per_step``), or ``{"error": why}``."""
-        rec = None
-        while True:
-            try:
-                line = self._next_line(deadline)
-            except TimeoutError:
-                return {"error": "not compiled within --ready-timeout, killed"}
-            if line is None:
-                break
-            if line.startswith("RESULT "):
-                rec = json.loads(line[len("RESULT "):])
-        self.proc.wait()
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        error = None if rec else self._last_stderr()
-        self.stderr.close()
-        return rec or {"error": error}
+        try:
+            rec = self._result(deadline) or {"error": self._last_stderr()}
+        except TimeoutError:
+            rec = {"error": "not compiled within --ready-timeout, killed"}
+        self._close()
+        return rec
 
     def run(self, ready_error: str | None) -> dict:
         """Send GO to a ready child and return its RESULT record, or the error record."""
@@ -262,17 +266,10 @@ class JaxChild:
             with contextlib.suppress(BrokenPipeError):  # if it died after READY, its stderr tells why
                 self.proc.stdin.write("GO\n")
                 self.proc.stdin.flush()
-            for line in iter(self.lines.get, None):
-                if line.startswith("RESULT "):
-                    rec = json.loads(line[len("RESULT "):])
-            self.proc.wait()
+            rec = self._result()
             error = None if rec else self._last_stderr()
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        if rec is None:
-            rec = {**jax_record_head(self.batch, ":".join(self.parts)), "error": error}
-        self.stderr.close()
-        return rec
+        self._close()
+        return rec or {**jax_record_head(self.batch, ":".join(self.parts)), "error": error}
 
     def _last_stderr(self) -> str:
         self.stderr.seek(0)
