@@ -473,7 +473,13 @@ def jax_key(batch: int, spec: str) -> tuple:
 
 def _order(r: dict) -> tuple:
     return (r["batch"], r["framework"] != "torch", r["mode"], r["precision"], bool(r.get("remat")),
-            bool(r.get("profile_syncs")))
+            bool(r.get("profile_syncs")), r.get("dispatch") or "")
+
+
+def _mode_label(r: dict) -> str:
+    """The record's mode, with PyTorch's profiling syncs or JAX's in-program ``lax.switch`` path named."""
+    return r["mode"] + (" (+profile syncs)" if r.get("profile_syncs") else "") + \
+        (" (lax.switch)" if r.get("dispatch") == "switch" else "")
 
 
 def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
@@ -483,7 +489,7 @@ def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
     lines = ["| framework | mode | precision | batch | remat | weight ms | arch ms | img/s | peak MiB | GPU busy | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
-        mode = r["mode"] + (" (+profile syncs)" if r.get("profile_syncs") else "")
+        mode = _mode_label(r)
         par = r.get("compile_parallel") or 1
         compile_cell = f"{r['compile_s']:.1f}" + (f" ({par} at once)" if par > 1 else "")
         # JAX peaks of records from before the two-child measurement include the autotuner's scratch: bounds
@@ -501,7 +507,7 @@ def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
     small = min((r["batch"] for r in recs), default=0)
     first = [r for r in recs if r["batch"] == small and not r["remat"]]
-    labels = [f"{r['framework']}\n{r['mode']}{'+sync' if r.get('profile_syncs') else ''}\n{r['precision']}" for r in first]
+    labels = [f"{r['framework']}\n{_mode_label(r)}\n{r['precision']}".replace(" (", "\n(") for r in first]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(first)) + 5, 4.5),
                                   gridspec_kw={"width_ratios": [max(8, 0.9 * len(first)), 5]})
     ax.bar(range(len(first)), [r["img_per_s"] for r in first],
@@ -514,7 +520,7 @@ def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
     series: dict[tuple, list] = {}
     for r in recs:
         if not r["remat"] and not r.get("profile_syncs"):
-            series.setdefault((r["framework"], r["mode"], r["precision"]), []).append((r["batch"], r["img_per_s"]))
+            series.setdefault((r["framework"], _mode_label(r), r["precision"]), []).append((r["batch"], r["img_per_s"]))
     for (fw, mode, prec), pts in series.items():
         if len(pts) > 1:
             ax2.plot(*zip(*sorted(pts)), marker="o", linestyle="-" if fw == "jax" else "--",
@@ -600,15 +606,17 @@ def main() -> None:
     if args.only_main:
         torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16"]
     torch_todo, jobs = pending(batches, torch_modes, jax_cfgs, old_records if args.resume else [])
-    if args.only != "jax":
-        for batch, modes in torch_todo:
-            for rec in torch_records(batch, args.steps, args.data_dir, modes):
-                add(rec)
-    if args.only != "torch":
-        wave = args.jax_parallel or len(jobs)
-        for i in range(0, len(jobs), wave):
-            run_jax_wave(jobs[i:i + wave], args, add)
-    write_outputs(result, Path(args.md), Path(args.png))
+    try:
+        if args.only != "jax":
+            for batch, modes in torch_todo:
+                for rec in torch_records(batch, args.steps, args.data_dir, modes):
+                    add(rec)
+        if args.only != "torch":
+            wave = args.jax_parallel or len(jobs)
+            for i in range(0, len(jobs), wave):
+                run_jax_wave(jobs[i:i + wave], args, add)
+    finally:  # an interrupted run (Ctrl-C, the call's limit) still leaves the table and chart of what it has
+        write_outputs(result, Path(args.md), Path(args.png))
     print(Path(args.md).read_text())
 
 
