@@ -117,6 +117,7 @@ class GrowthConfig:
     max_depth: int = 15
     depth_param_cap: int = 0  # no depth growth above this many weights (0 = no cap)
     widen_factor: float = 1.5
+    deepen_skip_prob: float = 0.9  # original skeleton: P(a training step samples skip_connect in a deepened block)
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,8 @@ def validate(cfg: Config) -> Config:
         _check(kind in ("deepen", "widen", "branch"), "growth.kinds", "deepen | widen | branch", kind)
     _check(g.strategy in ("original", "cycle"), "growth.strategy", "original | cycle", g.strategy)
     _check(g.widen_factor > 1.0, "growth.widen_factor", "> 1", g.widen_factor)
+    _check(0 < g.deepen_skip_prob < 1, "growth.deepen_skip_prob",
+           "0 < p < 1 (the probability of sampling skip_connect in a deepened block)", g.deepen_skip_prob)
     _check(g.max_depth >= m.num_layers, "growth.max_depth", f">= model.num_layers ({m.num_layers})", g.max_depth)
     _check(f.epochs >= 1, "final.epochs", ">= 1", f.epochs)
     _check(f.batch_size >= 1, "final.batch_size", ">= 1", f.batch_size)

@@ -272,6 +272,8 @@ class Run:
                "params": count_params(self.state.params)}
         if arch_phase:
             self.state = self.state.replace(arch_epochs=self.state.arch_epochs + 1)
+        else:  # the weight gradient's pre-clip global norm: mean and max over the epoch's steps
+            row.update(grad_norm=float(sums["grad_norm"]) / count, grad_norm_max=float(sums["grad_norm_max"]))
         row["op_probs"] = np.asarray(jnp.mean(jax.nn.softmax(self.state.alpha, -1), 0)).round(5).tolist()
         if self.cfg.cycle.eval_every_epoch or task.epoch + 1 == self._phase_len(task.phase):
             ev = evaluate(self.steps, self.state, self.x_val, self.y_val)

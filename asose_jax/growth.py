@@ -7,7 +7,8 @@ Every transform returns a new :class:`~asose_jax.model.NetSpec` and a new
   (``mixed_op.select_rows(alpha, 'argmax')``), the evaluation mode of the search;
 * for ``widen`` and ``branch`` in every mixed-op mode given the same selection of the untouched rows,
   and for ``deepen`` on the ``resnet`` skeleton likewise (the new block is scaled by 0); ``deepen`` on
-  ``original`` is exact only in ``argmax`` mode (its new row has ``skip_connect`` as argmax).
+  ``original`` is exact only in ``argmax`` mode (its new row has ``skip_connect`` as argmax), and in the
+  training steps that sample ``skip_connect`` there (probability ``skip_prob``, see :func:`deepen`).
 
 (Stochastic training modes draw one Gumbel sample per alpha row from ``split(key, rows)``; with a
 different row count the samples differ, so "every mode" means: for a given selection.)
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asose_jax import mixed_op
+from asose_jax.config import GrowthConfig
 from asose_jax.model import (BlockSpec, NetSpec, apply_network, count_params, init_block, init_path,
                              uses_path_scale)
 
@@ -173,14 +175,24 @@ def stages(spec: NetSpec) -> list[Stage]:
 
 # ---------------------------------------------------------------------------------------------- deepen
 
-def _skip_row(alpha: jax.Array, ops: tuple[str, ...]) -> jax.Array:
-    """Every entry = mean(alpha), ``skip_connect`` = max(alpha) + 1: skip is the argmax by >= 1 logit."""
+def _skip_row(alpha: jax.Array, ops: tuple[str, ...], skip_prob: float) -> jax.Array:
+    """Every entry ``m = mean(alpha)``, ``skip_connect`` = ``max(max(alpha) + 1, m + log(p / (1 - p) * (n - 1)))``
+    (``n`` ops, ``p = skip_prob``).
+
+    Skip is the argmax by >= 1 logit (the exact identity in ``argmax`` mode) and ``softmax(row)[skip] >= p``:
+    the probability that a training step's hard Gumbel sample, ``argmax(alpha + g)`` at any tau, picks it.
+    A margin of 1 alone gives ``e / (e + n - 1)``, 0.23 for 10 ops: most training steps would route the
+    no-residual chain through a fresh op (or ``none``), and the alpha LR cannot close a gap of that size."""
     a = jnp.asarray(alpha, jnp.float32)
-    row = jnp.full((len(ops),), jnp.mean(a) if a.size else 0.0, jnp.float32)
-    return row.at[ops.index("skip_connect")].set((jnp.max(a) if a.size else 0.0) + 1.0)
+    mean, top = (jnp.mean(a), jnp.max(a)) if a.size else (0.0, 0.0)
+    n = len(ops)
+    margin = math.log(skip_prob / (1 - skip_prob) * (n - 1)) if n > 1 else -math.inf
+    skip = jnp.maximum(top + 1.0, mean + margin)
+    return jnp.full((n,), mean, jnp.float32).at[ops.index("skip_connect")].set(skip)
 
 
-def deepen(spec: NetSpec, state, position: int, key: jax.Array):
+def deepen(spec: NetSpec, state, position: int, key: jax.Array,
+           skip_prob: float = GrowthConfig.deepen_skip_prob):
     """Insert a new block at index ``position`` (0..len(blocks)) that computes the identity.
 
     The block has ``c_in = c_out = channels_at(spec, position)``, stride 1, no input conv, one path,
@@ -188,9 +200,11 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array):
 
     * ``resnet``: a normal residual block whose ``path_scale`` is 0: ``y = h + 0 * mixed(h) = h``, exact in
       every mode; its alpha row is ``0.1 * N(0, 1)``.
-    * ``original`` (no residual): the alpha row has every entry ``mean(alpha)`` and ``skip_connect`` at
-      ``max(alpha) + 1``, so argmax selects ``skip_connect``, which is the exact identity at stride 1.
-      Raises ``ValueError`` if the op set lacks ``skip_connect``.
+    * ``original`` (no residual): the alpha row has every entry ``mean(alpha)`` and ``skip_connect`` the
+      argmax by >= 1 logit, which is the exact identity at stride 1 in ``argmax`` mode; its logit is also
+      high enough that training steps sample it with probability >= ``skip_prob`` (``softmax(row)``,
+      see :func:`_skip_row`), so the new block starts as the identity in most training steps too.
+      Raises ``ValueError`` if the op set lacks ``skip_connect`` or ``skip_prob`` is outside (0, 1).
 
     The row is inserted where the block's rows go (block order), momentum and Adam moments of the new
     block/row are zero.
@@ -205,6 +219,8 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array):
         if "skip_connect" not in spec.ops:
             raise ValueError("deepen on the 'original' skeleton needs 'skip_connect' in the op set "
                              f"(ops: {', '.join(spec.ops)})")
+        if not 0 < skip_prob < 1:
+            raise ValueError(f"deepen skip_prob {skip_prob} outside (0, 1)")
     else:
         raise ValueError(f"unknown skeleton {spec.skeleton!r}")
     c = channels_at(spec, position)
@@ -217,7 +233,7 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array):
     if residual:
         new_row = NEW_ROW_SCALE * jax.random.normal(k_a, (len(spec.ops),), jnp.float32)
     else:
-        new_row = _skip_row(state.alpha, spec.ops)
+        new_row = _skip_row(state.alpha, spec.ops, skip_prob)
 
     def w_transfer(tree, new_block):
         blocks = list(tree["blocks"])
@@ -509,8 +525,9 @@ def feasible_kinds(spec: NetSpec, state, cfg) -> tuple[str, ...]:
 def grow(kind: str, spec: NetSpec, state, key: jax.Array, cfg):
     """Apply one growth of ``kind`` at a position drawn from ``key`` (reproducible).
 
-    ``deepen``: position uniform in ``0..len(blocks)``; ``widen``: a uniform stage, factor
-    ``cfg.widen_factor``; ``branch``: a uniform block. ``cfg`` is a ``Config`` or a ``GrowthConfig``.
+    ``deepen``: position uniform in ``0..len(blocks)``, ``skip_prob`` = ``cfg.deepen_skip_prob``; ``widen``:
+    a uniform stage, factor ``cfg.widen_factor``; ``branch``: a uniform block. ``cfg`` is a ``Config`` or a
+    ``GrowthConfig``.
     Returns ``(spec, state, info)``, ``info = {kind, position, params_before, params_after}`` where
     ``position`` is the new block's index (deepen), the stage index (widen) or the block index (branch).
     ``deepen`` beyond ``max_depth`` / ``depth_param_cap`` (or on ``original`` without ``skip_connect``)
@@ -523,7 +540,7 @@ def grow(kind: str, spec: NetSpec, state, key: jax.Array, cfg):
                          f"(depth_param_cap {g.depth_param_cap}), skeleton {spec.skeleton!r}; see feasible_kinds")
     if kind == "deepen":
         position = int(jax.random.randint(k_pos, (), 0, len(spec.blocks) + 1))
-        new_spec, new_state = deepen(spec, state, position, k_grow)
+        new_spec, new_state = deepen(spec, state, position, k_grow, g.deepen_skip_prob)
     elif kind == "widen":
         position = int(jax.random.randint(k_pos, (), 0, len(stages(spec))))
         new_spec, new_state = widen(spec, state, position, g.widen_factor, k_grow)

@@ -30,7 +30,7 @@ from asose_jax.arch import straight_through
 from asose_jax.config import Config
 from asose_jax.data import augment_batch, normalize
 from asose_jax.model import BlockSpec, NetSpec, apply_block, apply_head, conv_bn_relu
-from asose_jax.steps import (TrainState, add_to_sums, arch_optimizer, compute_dtype, cross_entropy,
+from asose_jax.steps import (TrainState, add_to_sums, arch_optimizer, compute_dtype, cross_entropy, global_norm,
                              weight_optimizer)
 
 
@@ -88,7 +88,7 @@ class SinglePathSteps:
     # ------------------------------------------------------------------------------ jitted pieces
     def _weight_update(self, state: TrainState, grads, stats, loss, correct, batch):
         updates, w_opt = self.w_tx.update(grads, state.w_opt, state.params)
-        sums = add_to_sums(state.sums, loss, correct, batch)
+        sums = add_to_sums(state.sums, loss, correct, batch, global_norm(grads))
         return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats, w_opt=w_opt,
                              step=state.step + 1, sums=sums)
 

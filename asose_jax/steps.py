@@ -38,17 +38,25 @@ class TrainState:
     arch_epochs: jax.Array  # int32: arch epochs done (drives the tau schedule)
     cycle: jax.Array  # int32
     phase: jax.Array  # int32 index into PHASES
-    sums: Any  # device-side running sums of the current epoch: loss, correct, count
+    sums: Any  # device-side running sums of the current epoch: loss, correct, count, grad_norm(_max)
 
 
 def zero_sums() -> dict:
-    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32), "count": jnp.zeros((), jnp.int32)}
+    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32), "count": jnp.zeros((), jnp.int32),
+            "grad_norm": jnp.zeros((), jnp.float32), "grad_norm_max": jnp.zeros((), jnp.float32)}
 
 
-def add_to_sums(sums: dict, mean_loss, correct, count: int) -> dict:
-    """The epoch's running sums after one batch of ``count`` examples."""
-    return {"loss": sums["loss"] + mean_loss * count, "correct": sums["correct"] + correct,
-            "count": sums["count"] + count}
+def add_to_sums(sums: dict, mean_loss, correct, count: int, grad_norm=None) -> dict:
+    """The epoch's running sums after one batch of ``count`` examples.
+
+    ``grad_norm`` (weight steps; arch steps leave these sums as they are): the pre-clip global norm of the
+    weight gradient, summed ``* count`` like the loss (``/ count`` is the mean over the steps), and its max."""
+    out = {**sums, "loss": sums["loss"] + mean_loss * count, "correct": sums["correct"] + correct,
+           "count": sums["count"] + count}
+    if grad_norm is not None:
+        out.update(grad_norm=sums["grad_norm"] + grad_norm * count,
+                   grad_norm_max=jnp.maximum(sums["grad_norm_max"], grad_norm))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- optimizers
@@ -67,10 +75,15 @@ def cosine_warm_restarts(base_lr: float, t0: int, t_mult: int, min_lr: float) ->
     return lr
 
 
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves of ``tree`` together (what the clips measure)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(u)) for u in jax.tree.leaves(tree)))
+
+
 def soft_clip(max_norm: float, factor: float = 0.1) -> optax.GradientTransformation:
     """The original's clip: above ``max_norm`` the global norm g becomes ``max_norm + factor (g - max_norm)``."""
     def update(updates, state, params=None):
-        g = jnp.sqrt(sum(jnp.sum(jnp.square(u)) for u in jax.tree.leaves(updates)))
+        g = global_norm(updates)
         scale = jnp.where(g > max_norm, (max_norm + factor * (g - max_norm)) / (g + 1e-8), 1.0)
         return jax.tree.map(lambda u: u * scale, updates), state
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -202,8 +215,9 @@ def _make_mode_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
         sel = mixed_op.select_rows(weights, mo.mode, mo.k, mo.weight_threshold, choice)
         return apply_network(spec, params, stats, x, sel, mo.mode, train, cfg.remat, dtype)
 
-    def accumulate(sums, loss, logits, y):
-        return add_to_sums(sums, loss, jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32), y.shape[0])
+    def accumulate(sums, loss, logits, y, grad_norm=None):
+        return add_to_sums(sums, loss, jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32), y.shape[0],
+                           grad_norm)
 
     def weight_step(state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
         x, y, k_arch = batch_and_keys(state, x_all, y_all, perm, i)
@@ -214,8 +228,9 @@ def _make_mode_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
             return cross_entropy(logits, y, cfg.optim.label_smoothing), (logits, stats)
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, w_opt = w_tx.update(grads, state.w_opt, state.params)
+        sums = accumulate(state.sums, loss, logits, y, global_norm(grads))
         return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats, w_opt=w_opt,
-                             step=state.step + 1, sums=accumulate(state.sums, loss, logits, y))
+                             step=state.step + 1, sums=sums)
 
     def arch_step(state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
         x, y, k_arch = batch_and_keys(state, x_all, y_all, perm, i)

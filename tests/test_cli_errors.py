@@ -86,6 +86,7 @@ def cli(argv, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
     (["--set", "final.epochs=0"], ["final.epochs=0"]),
     (["--set", "mixed_op.mode=sometimes"], ["mixed_op.mode", "dense"]),
     (["--set", "model.ops=sep_conv_3x3,no_such_op"], ["model.ops", "no_such_op"]),
+    (["--set", "growth.deepen_skip_prob=1.5"], ["growth.deepen_skip_prob=1.5", "out of range", "0 < p < 1"]),
 ])
 def test_bad_config_value(capsys, tmp_path, argv, needles):
     workdir = tmp_path / "run"

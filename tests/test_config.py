@@ -109,6 +109,10 @@ def test_wrong_type(item, fragments):
     ("precision=fp8", ("precision", "fp32 | bf16")),
     ("optim.momentum=1.0", ("optim.momentum", "[0, 1)")),
     ("cycle.target_acc=101", ("cycle.target_acc", "0..100")),
+    ("growth.deepen_skip_prob=1.5", ("growth.deepen_skip_prob=1.5", "0 < p < 1")),
+    ("growth.deepen_skip_prob=1", ("growth.deepen_skip_prob", "0 < p < 1")),
+    ("growth.deepen_skip_prob=0", ("growth.deepen_skip_prob", "0 < p < 1")),
+    ("growth.deepen_skip_prob=nan", ("growth.deepen_skip_prob", "0 < p < 1")),
 ])
 def test_out_of_range_names_key_and_range(item, fragments):
     msg = one_line_error([item], *fragments)

@@ -226,6 +226,7 @@ def test_deepen(skeleton, where):
         skip = OPS.index("skip_connect")
         assert int(np.argmax(row)) == skip
         assert row[skip] - np.max(np.delete(row, skip)) >= 1.0
+        assert float(jax.nn.softmax(row)[skip]) >= GrowthConfig().deepen_skip_prob - 1e-6
         assert "path_scale" not in new_blocks[pos]
 
 
@@ -313,6 +314,44 @@ def test_branch(skeleton, where):
     check_rows(state, new_state, list(range(r)) + [None] + list(range(r, spec.num_rows)))
 
 
+def assert_skip_row(row, alpha, ops, p):
+    """A deepened ``original`` row: skip the argmax by >= 1 logit, sampled with probability >= p (hard
+    Gumbel: softmax(row)), every other entry mean(alpha)."""
+    skip = ops.index("skip_connect")
+    chex.assert_shape(row, (len(ops),))
+    assert int(np.argmax(row)) == skip
+    assert row[skip] - np.max(np.delete(row, skip)) >= 1.0
+    assert float(jax.nn.softmax(row)[skip]) >= p - 1e-6, (p, jax.nn.softmax(row))
+    chex.assert_trees_all_close(np.delete(row, skip), np.full(len(ops) - 1, np.mean(alpha), np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", (0.5, 0.9, 0.99))
+def test_deepen_original_skip_prob(p):
+    """The new row's training-time skip probability follows ``skip_prob`` (p=0.5: the +1 margin over
+    max(alpha) already gives more, so that bound decides); still exact in argmax mode; threaded from
+    ``growth.deepen_skip_prob`` by ``grow``."""
+    cfg, spec, state = trained("original")
+    new_spec, new_state = growth.deepen(spec, state, 0, jax.random.key(11), skip_prob=p)
+    row = np.asarray(new_state.alpha[0])
+    assert_skip_row(row, state.alpha, OPS, p)
+    assert_preserved(spec, state, new_spec, new_state, ("argmax",))
+    margin = row[OPS.index("skip_connect")] - np.mean(state.alpha)
+    if p == 0.5:
+        assert np.isclose(margin, np.max(state.alpha) + 1 - np.mean(state.alpha), rtol=1e-6)
+    else:
+        assert np.isclose(margin, np.log(p / (1 - p) * (len(OPS) - 1)), rtol=1e-6)
+    gcfg = dataclasses.replace(cfg, growth=GrowthConfig(deepen_skip_prob=p))
+    g_spec, g_state, info = growth.grow("deepen", spec, state, jax.random.key(5), gcfg)
+    assert_skip_row(np.asarray(g_state.alpha[g_spec.row_offsets()[info["position"]]]), state.alpha, OPS, p)
+
+
+@pytest.mark.parametrize("p", (0.6, 0.9, 0.999))
+def test_skip_row_ten_ops(p):
+    """The full op set (10 ops): the old ``max + 1`` row gave skip only e / (e + 9) = 0.23 in training."""
+    alpha = np.random.RandomState(0).standard_normal((6, len(PRIMITIVES))).astype(np.float32)
+    assert_skip_row(np.asarray(growth._skip_row(alpha, PRIMITIVES, p)), alpha, PRIMITIVES, p)
+
+
 # ---------------------------------------------------------------------------------------------- more
 
 def test_widen_all_ops_dense_with_factorized_reduce():
@@ -375,6 +414,10 @@ def test_errors_and_feasibility():
     state = make_state(spec, cfg)
     with pytest.raises(ValueError, match="skip_connect"):
         growth.deepen(spec, state, 1, jax.random.key(0))
+    _, ospec, ostate = trained("original")
+    for p in (0.0, 1.0):
+        with pytest.raises(ValueError, match="skip_prob"):
+            growth.deepen(ospec, ostate, 0, jax.random.key(0), skip_prob=p)
     with pytest.raises(ValueError):
         growth.grow("deepen", spec, state, jax.random.key(0), cfg)
     assert "deepen" not in growth.feasible_kinds(spec, state, cfg)

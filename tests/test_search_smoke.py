@@ -100,6 +100,10 @@ def test_smoke_metrics_rows(smoke_run):
         assert not missing, (missing, r)
         assert r["split"] == ("arch_val" if r["phase"] == "arch" else "weights")
         assert r["loss"] > 0 and 0 <= r["acc"] <= 100 and r["img_per_s"] > 0 and r["tau"] > 0
+        if r["phase"] == "arch":  # the weight gradient's norm is logged by the phases that train weights
+            assert "grad_norm" not in r and "grad_norm_max" not in r
+        else:
+            assert 0 < r["grad_norm"] <= r["grad_norm_max"] * (1 + 1e-6) < float("inf"), r
     phases = {r["phase"] for r in epochs}
     assert {"weight", "arch", "retrain"} <= phases
     steps = [r["step"] for r in epochs]

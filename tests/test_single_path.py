@@ -50,6 +50,9 @@ def test_host_dispatch_matches_switch(batch, skeleton):
     chex.assert_trees_all_close(h.params, s.params, atol=1e-5)
     chex.assert_trees_all_close(h.batch_stats, s.batch_stats, atol=1e-5)
     chex.assert_trees_all_close(h.sums["loss"], s.sums["loss"], rtol=1e-5)
+    chex.assert_trees_all_close((h.sums["grad_norm"], h.sums["grad_norm_max"]),
+                                (s.sums["grad_norm"], s.sums["grad_norm_max"]), rtol=1e-4)
+    assert 0 < h.sums["grad_norm"] / 16 <= h.sums["grad_norm_max"] < np.inf  # mean <= max over 2 weight steps of 8
     assert int(h.step) == int(s.step) == 3
     assert np.abs(h.alpha - s.alpha).max() < 1e-6
     assert np.abs(h.alpha - np.asarray(_setup("host", skeleton)[2].alpha)).max() > 1e-5  # alpha moved

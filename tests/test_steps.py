@@ -96,6 +96,12 @@ def test_weight_step_changes_params_not_alpha(trajectory):
     chex.assert_trees_all_equal(after.a_opt, before.a_opt)
     assert int(after.step) == 1 and int(after.arch_epochs) == 0
     assert int(after.sums["count"]) == B and math.isfinite(float(after.sums["loss"]))
+    # the pre-clip gradient norm: the first SGD step leaves trace = clip(g) + wd * p (momentum buffer 0)
+    norm = float(after.sums["grad_norm"]) / B
+    assert math.isfinite(norm) and norm > 0 and float(after.sums["grad_norm_max"]) == pytest.approx(norm, rel=1e-6)
+    o = trajectory["cfg"].optim
+    clipped = jax.tree.map(lambda t, p: t - o.weight_decay * p, after.w_opt[2].trace, before.params)
+    assert float(steps.global_norm(clipped)) == pytest.approx(min(norm, o.clip_norm), rel=1e-4)
     # only the sampled op of each row got a gradient: the others move at most by the L2 decay term
     # (first step: momentum buffer = wd * p), or not at all where the optimizer skips them
     decay = float(steps.cosine_warm_restarts(0.025, 50, 2, 1e-6)(0)) * trajectory["cfg"].optim.weight_decay
@@ -122,6 +128,8 @@ def test_arch_step_changes_alpha_not_params(trajectory):
     chex.assert_trees_all_equal(after.w_opt, before.w_opt)
     assert int(after.step) == 2
     assert np.all(np.isfinite(after.alpha))
+    for name in ("grad_norm", "grad_norm_max"):  # weight-gradient statistics: arch steps leave them alone
+        chex.assert_trees_all_equal(after.sums[name], before.sums[name])
 
 
 def test_sample_uses_the_steps_key(switch_steps):
