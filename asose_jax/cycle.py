@@ -305,7 +305,8 @@ class Run:
         k_decide, k_grow = jax.random.split(key)
         events = [r for r in self.metrics if r.get("event") == "growth"]
         kind = policy.decide(self.cfg, self.spec, self.state.params, k_decide, task.cycle, self.cycle_accuracies(),
-                             [r["kind"] for r in events], events[-1]["cycle"] if events else 0)
+                             [r["kind"] for r in events], events[-1]["cycle"] if events else 0,
+                             growth.feasible_kinds(self.spec, self.state, self.cfg))
         if kind is None:
             return
         x_fixed = normalize(self.x_val[:64])

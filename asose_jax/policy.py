@@ -42,15 +42,16 @@ def candidates(cfg: Config, spec: NetSpec, params, acc: float) -> list[str]:
 
 
 def decide(cfg: Config, spec: NetSpec, params, key: jax.Array, cycle: int, accs: list[float],
-           growth_kinds_so_far: list[str], last_growth_cycle: int) -> str | None:
-    """The kind of growth to apply at the end of this cycle's arch phase, or None."""
+           growth_kinds_so_far: list[str], last_growth_cycle: int, feasible: tuple[str, ...]) -> str | None:
+    """The kind of growth to apply at the end of this cycle's arch phase, or None (also when no kind the
+    strategy would pick is in ``feasible``, ``growth.feasible_kinds`` of the current network)."""
     if not cfg.growth.enabled or not should_grow(cfg, cycle, accs, last_growth_cycle):
         return None
     if cfg.growth.strategy == "cycle":
-        kinds = [k for k in cfg.growth.kinds if k != "deepen" or len(spec.blocks) < cfg.growth.max_depth]
+        kinds = [k for k in cfg.growth.kinds if k in feasible]
         return kinds[len(growth_kinds_so_far) % len(kinds)] if kinds else None
     acc = accs[-1] if len(accs) >= 3 else 50.0  # the original used 50 until three results exist
-    cands = candidates(cfg, spec, params, acc)
+    cands = [c for c in candidates(cfg, spec, params, acc) if c in feasible]
     if not cands:
         return None
     return cands[int(jax.random.randint(key, (), 0, len(cands)))]

@@ -154,6 +154,8 @@ def test_preset_specifics():
     assert orig.cycle.max_cycles == 15 and orig.data.batch_size == 128
     assert (orig.optim.lr, orig.optim.momentum, orig.optim.weight_decay) == (0.025, 0.9, 1e-4)
     assert (orig.optim.t0_epochs, orig.optim.t_mult, orig.optim.min_lr) == (50, 2, 1e-6)
+    assert (orig.optim.clip_norm, orig.optim.clip_mode) == (5.0, "global_norm")  # the soft clip let NaN in
+    assert orig.growth.deepen_skip_prob >= 0.9
     assert (orig.arch.lr, orig.arch.weight_decay, orig.arch.tau_init, orig.arch.tau_decay,
             orig.arch.tau_min) == (3e-4, 1e-3, 5.0, 0.98, 0.1)
     smoke = load("smoke")
