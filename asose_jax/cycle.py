@@ -304,7 +304,7 @@ class Run:
         key = jax.random.fold_in(jax.random.fold_in(self.state.key, 7919), task.cycle)
         k_decide, k_grow = jax.random.split(key)
         events = [r for r in self.metrics if r.get("event") == "growth"]
-        kind = policy.decide(self.cfg, self.spec, self.state.params, k_decide, task.cycle, self.cycle_accuracies(),
+        kind = policy.decide(self.cfg, self.spec, k_decide, task.cycle, self.cycle_accuracies(),
                              [r["kind"] for r in events], events[-1]["cycle"] if events else 0,
                              growth.feasible_kinds(self.spec, self.state, self.cfg))
         if kind is None:

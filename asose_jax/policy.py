@@ -7,15 +7,16 @@ seeded key, so a run is reproducible.
 
 Strategy ``original``: a uniform draw from a list that depends on accuracy (< 50 %: 3x deepen while
 depth < 8, 2x widen; < 80 %: 2x deepen while depth < 12, 2x widen; else 3x widen, 1x deepen while
-depth < 15), deepen dropped above ``depth_param_cap`` weights, and one ``branch`` entry when branch is
-enabled. Strategy ``cycle``: the enabled kinds in turn (tests and demos).
+depth < 15) and one ``branch`` entry when branch is enabled. Strategy ``cycle``: the enabled kinds in turn
+(tests and demos). Either picks only kinds the network can take now (``growth.feasible_kinds``: e.g. no
+deepen at or above ``depth_param_cap`` weights).
 """
 from __future__ import annotations
 
 import jax
 
 from asose_jax.config import Config
-from asose_jax.model import NetSpec, count_params
+from asose_jax.model import NetSpec
 
 
 def should_grow(cfg: Config, cycle: int, accs: list[float], last_growth_cycle: int) -> bool:
@@ -27,7 +28,8 @@ def should_grow(cfg: Config, cycle: int, accs: list[float], last_growth_cycle: i
     return bool(w and len(accs) >= w and max(accs[-w:]) - min(accs[-w:]) < g.stagnation_range and since >= 2)
 
 
-def candidates(cfg: Config, spec: NetSpec, params, acc: float) -> list[str]:
+def candidates(cfg: Config, spec: NetSpec, acc: float) -> list[str]:
+    """The original strategy's list for arch-val accuracy ``acc`` (%), before the feasibility filter."""
     g, depth = cfg.growth, len(spec.blocks)
     if acc < 50:
         cands = ["deepen"] * 3 * (depth < min(8, g.max_depth)) + ["widen"] * 2
@@ -35,13 +37,11 @@ def candidates(cfg: Config, spec: NetSpec, params, acc: float) -> list[str]:
         cands = ["deepen"] * 2 * (depth < min(12, g.max_depth)) + ["widen"] * 2
     else:
         cands = ["widen"] * 3 + ["deepen"] * (depth < min(15, g.max_depth))
-    if g.depth_param_cap and count_params(params) > g.depth_param_cap:
-        cands = [c for c in cands if c != "deepen"]
     cands += ["branch"]
     return [c for c in cands if c in g.kinds]
 
 
-def decide(cfg: Config, spec: NetSpec, params, key: jax.Array, cycle: int, accs: list[float],
+def decide(cfg: Config, spec: NetSpec, key: jax.Array, cycle: int, accs: list[float],
            growth_kinds_so_far: list[str], last_growth_cycle: int, feasible: tuple[str, ...]) -> str | None:
     """The kind of growth to apply at the end of this cycle's arch phase, or None (also when no kind the
     strategy would pick is in ``feasible``, ``growth.feasible_kinds`` of the current network)."""
@@ -51,7 +51,7 @@ def decide(cfg: Config, spec: NetSpec, params, key: jax.Array, cycle: int, accs:
         kinds = [k for k in cfg.growth.kinds if k in feasible]
         return kinds[len(growth_kinds_so_far) % len(kinds)] if kinds else None
     acc = accs[-1] if len(accs) >= 3 else 50.0  # the original used 50 until three results exist
-    cands = [c for c in candidates(cfg, spec, params, acc) if c in feasible]
+    cands = [c for c in candidates(cfg, spec, acc) if c in feasible]
     if not cands:
         return None
     return cands[int(jax.random.randint(key, (), 0, len(cands)))]

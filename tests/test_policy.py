@@ -3,11 +3,12 @@ accuracy and depth, cycle strategy in turn), only feasible kinds, and reproducib
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 
-from asose_jax import model, policy
+from asose_jax import growth, model, policy
 from asose_jax.config import Config, GrowthConfig, ModelConfig
 
 OPS = ("none", "skip_connect", "sep_conv_3x3")
@@ -37,14 +38,17 @@ def test_should_grow_forced_and_stagnation():
 
 def test_candidates_follow_accuracy_depth_and_cap():
     cfg, spec = make(kinds=ALL)
-    small = params_of_size(10)
-    assert policy.candidates(cfg, spec, small, 30.0) == ["deepen"] * 3 + ["widen"] * 2 + ["branch"]
-    assert policy.candidates(cfg, spec, small, 60.0) == ["deepen"] * 2 + ["widen"] * 2 + ["branch"]
-    assert policy.candidates(cfg, spec, small, 90.0) == ["widen"] * 3 + ["deepen", "branch"]
+    assert policy.candidates(cfg, spec, 30.0) == ["deepen"] * 3 + ["widen"] * 2 + ["branch"]
+    assert policy.candidates(cfg, spec, 60.0) == ["deepen"] * 2 + ["widen"] * 2 + ["branch"]
+    assert policy.candidates(cfg, spec, 90.0) == ["widen"] * 3 + ["deepen", "branch"]
     _, deep = make(layers=8, kinds=ALL)
-    assert "deepen" not in policy.candidates(cfg, deep, small, 30.0)  # depth 8: no deepen under 50 %
+    assert "deepen" not in policy.candidates(cfg, deep, 30.0)  # depth 8: no deepen under 50 %
     capped = dataclasses.replace(cfg, growth=dataclasses.replace(cfg.growth, depth_param_cap=5))
-    assert "deepen" not in policy.candidates(capped, spec, small, 30.0)
+    feasible = growth.feasible_kinds(spec, SimpleNamespace(params=params_of_size(10)), capped)
+    assert feasible == ("widen", "branch")  # 10 weights >= the cap of 5: no deepen
+    draws = {policy.decide(capped, spec, jax.random.PRNGKey(s), 4, [10.0, 20.0, 30.0, 40.0], [], 0, feasible)
+             for s in range(20)}
+    assert draws == {"widen", "branch"}
 
 
 def test_decide_picks_only_feasible_kinds():
@@ -53,24 +57,24 @@ def test_decide_picks_only_feasible_kinds():
     key = jax.random.PRNGKey(0)
     for strategy in ("cycle", "original"):
         cfg, spec = make(kinds=("deepen",), strategy=strategy)
-        args = (cfg, spec, params_of_size(10), key, 4, [10.0, 20.0, 30.0, 40.0], [], 0)
+        args = (cfg, spec, key, 4, [10.0, 20.0, 30.0, 40.0], [], 0)
         assert policy.decide(*args, feasible=("deepen",)) == "deepen"
         assert policy.decide(*args, feasible=()) is None
         cfg2, _ = make(kinds=("deepen", "widen"), strategy=strategy)
-        args2 = (cfg2, spec, params_of_size(10), key, 4, [10.0, 20.0, 30.0, 40.0], [], 0)
+        args2 = (cfg2, spec, key, 4, [10.0, 20.0, 30.0, 40.0], [], 0)
         assert policy.decide(*args2, feasible=("widen",)) == "widen"
 
 
 def test_decide_cycle_strategy_turns_and_original_is_reproducible():
     cfg, spec = make(kinds=ALL, strategy="cycle", every=1)
-    picks = [policy.decide(cfg, spec, params_of_size(10), jax.random.PRNGKey(0), c + 1, [], list(ALL[:c]), c, ALL)
+    picks = [policy.decide(cfg, spec, jax.random.PRNGKey(0), c + 1, [], list(ALL[:c]), c, ALL)
              for c in range(3)]
     assert picks == list(ALL)
     cfg, spec = make(kinds=ALL)
     accs = [10.0, 20.0, 30.0, 40.0]
-    draws = [policy.decide(cfg, spec, params_of_size(10), jax.random.PRNGKey(s), 4, accs, [], 0, ALL)
+    draws = [policy.decide(cfg, spec, jax.random.PRNGKey(s), 4, accs, [], 0, ALL)
              for s in range(40)]
-    again = [policy.decide(cfg, spec, params_of_size(10), jax.random.PRNGKey(s), 4, accs, [], 0, ALL)
+    again = [policy.decide(cfg, spec, jax.random.PRNGKey(s), 4, accs, [], 0, ALL)
              for s in range(40)]
     assert draws == again and set(draws) == set(ALL)  # every candidate is drawn, the same way twice
-    assert policy.decide(cfg, spec, params_of_size(10), jax.random.PRNGKey(0), 3, accs[:3], [], 0, ALL) is None
+    assert policy.decide(cfg, spec, jax.random.PRNGKey(0), 3, accs[:3], [], 0, ALL) is None
