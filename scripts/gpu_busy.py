@@ -4,7 +4,8 @@
 
 Runs one weight epoch to compile and warm up, then traces the next weight epoch with the JAX profiler
 and reports the union of GPU kernel intervals over the epoch's wall time (device sync at both ends),
-plus images/s. Prints one JSON line.
+plus images/s, and where the time went (``breakdown``: kernel time by kernel, host time by trace event,
+the idle gaps between kernels). Prints one JSON line; ``--keep-trace DIR`` keeps the perfetto trace.
 """
 from __future__ import annotations
 
@@ -13,14 +14,64 @@ import dataclasses
 import glob
 import gzip
 import json
+import re
+import shutil
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _kind(name: str) -> str:
+    """A kernel or event name without its numeric instance suffixes (``loop_add_fusion_12`` -> ``loop_add_fusion``)."""
+    return re.sub(r"([._]\d+)+$", "", name)
+
+
+def _top(totals: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round(v / 1e3, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:n]}
+
+
+def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
+    """Where a traced window's time went, from Chrome-trace events (``ts``/``dur`` in us; results in ms).
+
+    ``kernel_ms``: total duration per kernel kind on the GPU (the ``top`` largest) and ``kernel_total_ms``;
+    ``host_ms``: total duration per event name on every other process (inclusive: nested events count in
+    their parents too); ``gaps``: the idle intervals between merged GPU kernel intervals (count, total ms,
+    median/p90/max in us, and how many / how much are longer than 100 us).
+    """
+    kernels, host = defaultdict(float), defaultdict(float)
+    intervals = []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        dur = float(e.get("dur", 0))
+        if e.get("pid") in gpu_pids:
+            kernels[_kind(str(e.get("name", "")))] += dur
+            intervals.append((float(e["ts"]), float(e["ts"]) + dur))
+        else:
+            host[str(e.get("name", ""))] += dur
+    intervals.sort()
+    gaps, end = [], None
+    for s, e in intervals:
+        if end is not None and s > end:
+            gaps.append(s - end)
+        end = e if end is None else max(end, e)
+    gaps.sort()
+    long = [g for g in gaps if g > 100]
+
+    def pick(q: float) -> float | None:
+        return round(gaps[min(int(q * len(gaps)), len(gaps) - 1)], 1) if gaps else None
+
+    return {"kernel_total_ms": round(sum(kernels.values()) / 1e3, 3), "kernel_ms": _top(kernels, top),
+            "host_ms": _top(host, top),
+            "gaps": {"count": len(gaps), "total_ms": round(sum(gaps) / 1e3, 3), "p50_us": pick(0.5),
+                     "p90_us": pick(0.9), "max_us": round(gaps[-1], 1) if gaps else None,
+                     "over_100us": len(long), "over_100us_ms": round(sum(long) / 1e3, 3)}}
 
 
 def main() -> None:
@@ -35,6 +86,7 @@ def main() -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--keep-trace", default=None, help="copy the profiler trace (perfetto/Chrome JSON) here")
     args = ap.parse_args()
     cfg = config_lib.load_config_file(config_lib.preset_path(args.preset))
     overrides = args.overrides + ["checkpoint.enabled=false"] + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
@@ -53,7 +105,12 @@ def main() -> None:
         run.run_epoch(Task("epoch", 1, "weight", 1, 1))
         epoch_s = time.perf_counter() - t0
         jax.profiler.stop_trace()
-        trace = json.load(gzip.open(glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True)[0]))
+        trace_file = glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True)[0]
+        with gzip.open(trace_file) as f:
+            trace = json.load(f)
+        if args.keep_trace:
+            Path(args.keep_trace).mkdir(parents=True, exist_ok=True)
+            shutil.copy(trace_file, Path(args.keep_trace) / Path(trace_file).name)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
            and "GPU" in str(e.get("args", {}).get("name", ""))}
@@ -62,7 +119,8 @@ def main() -> None:
                       "first_epoch_s_with_compile": warm_s, "img_per_s": row["img_per_s"],
                       "gpu_busy": union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
                                               if e.get("ph") == "X" and e.get("pid") in gpu]),
-                      "mode": cfg.mixed_op.mode, "dispatch": cfg.mixed_op.dispatch, "precision": cfg.precision}))
+                      "mode": cfg.mixed_op.mode, "dispatch": cfg.mixed_op.dispatch, "precision": cfg.precision,
+                      "breakdown": trace_breakdown(events, gpu)}))
 
 
 if __name__ == "__main__":

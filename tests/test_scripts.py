@@ -1,5 +1,5 @@
 """The bookkeeping of the benchmark scripts: which configurations `compare_pytorch.py --resume` still has to
-run, and how `ablation_genotypes.py` keeps a searched genotype's layout."""
+run, how `ablation_genotypes.py` keeps a searched genotype's layout, and how `gpu_busy.py` splits a trace."""
 import json
 import subprocess
 import sys
@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import compare_pytorch as cp  # noqa: E402
+import gpu_busy
 
 
 def test_pins_run_a_configuration_at_one_batch_only():
@@ -68,3 +69,25 @@ def test_ablation_genotypes_keep_the_layout(tmp_path):
     assert rand["blocks"] == sep3["blocks"] == searched["blocks"]
     assert set(rand["ops"]) <= {"sep_conv_3x3", "sep_conv_7x7", "conv_3x3"}
     assert sep3["ops"] == ["sep_conv_3x3"] * 3
+
+
+def test_trace_breakdown_splits_kernel_host_and_idle_time():
+    """Two overlapping kernels, then a 300 us gap, a third kernel, a 50 us gap and a fourth; host events on
+    another process. Times in the trace are us, results ms (gaps in us)."""
+    gpu, host = 1, 2
+    events = [{"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+              {"ph": "X", "pid": gpu, "name": "loop_add_fusion_3", "ts": 0, "dur": 100},
+              {"ph": "X", "pid": gpu, "name": "loop_add_fusion_12", "ts": 50, "dur": 100},
+              {"ph": "X", "pid": gpu, "name": "cutlass_gemm", "ts": 450, "dur": 200},
+              {"ph": "X", "pid": gpu, "name": "memcpy32_post", "ts": 700, "dur": 10},
+              {"ph": "X", "pid": host, "name": "ExecuteOnStream", "ts": 0, "dur": 400},
+              {"ph": "X", "pid": host, "name": "ExecuteOnStream", "ts": 500, "dur": 100},
+              {"ph": "i", "pid": gpu, "name": "marker", "ts": 5}]
+    b = gpu_busy.trace_breakdown(events, {gpu}, top=2)
+    assert b["kernel_total_ms"] == 0.41
+    assert b["kernel_ms"] == {"loop_add_fusion": 0.2, "cutlass_gemm": 0.2}  # instance suffixes merged; top 2
+    assert b["host_ms"] == {"ExecuteOnStream": 0.5}
+    assert b["gaps"] == {"count": 2, "total_ms": 0.35, "p50_us": 300.0, "p90_us": 300.0, "max_us": 300.0,
+                         "over_100us": 1, "over_100us_ms": 0.3}
+    busy = cp.union_busy([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu])
+    assert abs(busy - (150 + 200 + 10) / 710) < 1e-9
