@@ -20,6 +20,8 @@ from asose_jax.mixed_op import MODES
 from asose_jax.ops import PRIMITIVES, OP_REGISTRY
 
 TRAIN_MODES = tuple(m for m in MODES if m != "argmax")  # modes a training step can use
+TTA_LABELS = {"flip": "flip-TTA", "flip_translate": "flip+translate TTA"}  # final.tta -> how reports name it
+TTA_MODES = tuple(TTA_LABELS)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -138,6 +140,7 @@ class FinalConfig:
     schedule: str = "cosine"  # LR after the linear warm-up: cosine | linear decay to 0 (stepped per step)
     path_scale_init: float = 1.0  # initial per-path residual scale (0 = identity-initialised blocks)
     eval_every: int = 0  # also report test accuracy every N epochs (a curve for the docs; decides nothing); 0 = end only
+    tta: str = "flip"  # test-time augmentation behind test_acc_tta: flip | flip_translate (see asose_jax.train.tta_logits)
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,7 @@ def validate(cfg: Config) -> Config:
     _check(f.warmup_epochs >= 0, "final.warmup_epochs", ">= 0 (clamped to the run length)", f.warmup_epochs)
     _check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
     _check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = test only at the end)", f.eval_every)
+    _check(f.tta in TTA_MODES, "final.tta", " | ".join(TTA_MODES), f.tta)
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
     _check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
     return cfg

@@ -9,7 +9,7 @@ alone (the ablation: ``python -m asose_jax.train``) pass its workdir as ``--fina
 out. ``--process-wall-s`` is the wall time of the command(s) as measured outside Python (all resumed
 segments summed, interpreter start and data loading included); it is stored next to the run's own clock.
 Record fields: ``config, kind, seed, search_wall_s, final_wall_s, total_wall_s, process_wall_s, test_acc,
-test_acc_tta, best_of, params, genotype, device, date, curve`` (``curve``: [wall s, accuracy %, what]), and
+test_acc_tta, tta, best_of, params, genotype, device, date, curve`` (``curve``: [wall s, accuracy %, what]), and
 ``note`` when given.
 """
 from __future__ import annotations
@@ -17,9 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from asose_jax.config import TTA_LABELS
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -37,15 +41,17 @@ def build_record(args) -> dict:
         search_wall = float(result["wall_s"])
         curve += [[r["wall_s"], r["val_acc"], "arch-val accuracy (search)"] for r in _jsonl(run / "metrics.jsonl")
                   if r.get("event") == "cycle_end"]
-    curve += [[search_wall + r["wall_s"], r["test_acc_tta"], "test accuracy, flip-TTA (final training)"]
+    tta = final.get("tta", "flip")
+    what = f"test accuracy, {TTA_LABELS[tta]} (final training)"
+    curve += [[search_wall + r["wall_s"], r["test_acc_tta"], what]
               for r in _jsonl(final_dir / "final_metrics.jsonl") if "test_acc_tta" in r]
     total = search_wall + float(final["wall_s"])
-    curve.append([total, final["test_acc_tta"], "test accuracy, flip-TTA (final training)"])
+    curve.append([total, final["test_acc_tta"], what])
     best_tta = final["test_acc_tta"] >= final["test_acc"]
     return {"config": args.config, "kind": args.kind, "seed": cfg["seed"], "search_wall_s": round(search_wall, 1),
             "final_wall_s": round(float(final["wall_s"]), 1), "total_wall_s": round(total, 1),
             "process_wall_s": args.process_wall_s, "test_acc": final["test_acc"], "test_acc_tta": final["test_acc_tta"],
-            "best_of": "tta" if best_tta else "plain", "params": final["params"], "genotype": final["genotype"]["ops"],
+            "tta": tta, "best_of": "tta" if best_tta else "plain", "params": final["params"], "genotype": final["genotype"]["ops"],
             "device": final["device"], "date": args.date, "curve": curve}
 
 

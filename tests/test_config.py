@@ -113,6 +113,7 @@ def test_wrong_type(item, fragments):
     ("growth.deepen_skip_prob=1", ("growth.deepen_skip_prob", "0 < p < 1")),
     ("growth.deepen_skip_prob=0", ("growth.deepen_skip_prob", "0 < p < 1")),
     ("growth.deepen_skip_prob=nan", ("growth.deepen_skip_prob", "0 < p < 1")),
+    ("final.tta=multicrop", ("final.tta", "flip | flip_translate")),
 ])
 def test_out_of_range_names_key_and_range(item, fragments):
     msg = one_line_error([item], *fragments)

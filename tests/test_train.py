@@ -76,6 +76,7 @@ def test_final_training_writes_final_json_and_learns(fresh, cfg):
     assert on_disk["params"] == count_params(jax.eval_shape(
         lambda: train_lib.init_derived(jax.random.PRNGKey(0), train_lib.derived_spec(GENOTYPE))[0]))
     assert on_disk["wall_s"] > 0 and on_disk["device"].startswith("cpu")
+    assert on_disk["tta"] == "flip"  # the default; it names what test_acc_tta measured
     assert on_disk["test_acc"] >= 40.0, on_disk  # chance is 10 %
     assert on_disk["test_acc_tta"] >= 40.0, on_disk
     rows = _epoch_rows(workdir)
@@ -120,6 +121,52 @@ def test_cli_trains_and_writes_summary(fresh, tmp_path, monkeypatch, capsys):
     summary = (workdir / "final_summary.md").read_text()
     assert "flip-TTA" in summary and "skip_connect + max_pool_3x3" in summary
     assert (workdir / "config.json").exists()
+
+
+def test_tta_logits_flip_and_translate():
+    """flip: logits of x plus its mirror image; flip_translate: that pair, plus the pairs of the one-pixel
+    up-left and down-right shifts (reflect padding) at half weight. Checked against numpy with a linear model."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    w = rng.normal(size=(4 * 5 * 3, 7)).astype(np.float32)
+
+    def apply(v):
+        return v.reshape(v.shape[0], -1) @ w
+
+    def pair(v):
+        return apply(v) + apply(v[:, :, ::-1])
+
+    logits, flip = train_lib.tta_logits(apply, jax.numpy.asarray(x), "flip")
+    np.testing.assert_allclose(logits, apply(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flip, pair(x), rtol=1e-5, atol=1e-5)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = padded[:, :4, :5], padded[:, 2:, 2:]
+    assert np.array_equal(up_left[:, 1:, 1:], x[:, :3, :4])  # content moved down-right by one pixel
+    plain, both = train_lib.tta_logits(apply, jax.numpy.asarray(x), "flip_translate")
+    np.testing.assert_allclose(plain, apply(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(both, pair(x) + 0.5 * (pair(up_left) + pair(down_right)), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="final.tta"):
+        train_lib.tta_logits(apply, jax.numpy.asarray(x), "multicrop")
+
+
+def test_eval_with_translate_tta_keeps_plain_accuracy(cfg):
+    """The jitted evaluation of a real derived network under ``final.tta=flip_translate``: the plain count is
+    the flip mode's, the augmented one a valid count."""
+    spec = train_lib.derived_spec(TINY_TTA)
+    x = jax.numpy.asarray(np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    y = jax.numpy.asarray(np.arange(16) % 10)
+    mask = jax.numpy.ones((16,), bool)
+    counts = {}
+    for mode in ("flip", "flip_translate"):
+        c = apply_overrides(cfg, [f"final.tta={mode}"])
+        steps = train_lib.make_final_steps(spec, c, 4)
+        state = steps.init()
+        counts[mode] = [int(v) for v in steps.eval_batch(state.params, state.batch_stats, x, y, mask)]
+    assert counts["flip"][0] == counts["flip_translate"][0]
+    assert all(0 <= v <= 16 for v in counts["flip_translate"])
+
+
+TINY_TTA = {"stem_channels": 4, "num_classes": 10, "ops": ["sep_conv_3x3"], "blocks": [{"c_in": 4, "c_out": 4, "stride": 1}]}
 
 
 # ---------------------------------------------------------------------------------------------- the derived network
