@@ -70,7 +70,9 @@ def plot_alpha_heatmaps(alpha_history: list[dict], ops: list[str], path: Path) -
 
 
 def plot_curves(metrics: list[dict], path: Path) -> None:
-    """Training loss/accuracy per epoch coloured by phase, arch-val accuracy, growth events as lines."""
+    """Training loss/accuracy per epoch coloured by phase, arch-val accuracy, growth events as lines. The loss
+    line joins the epochs that train the weights (their loss is on the weights split); arch epochs, whose loss
+    is on the arch-val split, stay separate points."""
     epochs = [r for r in metrics if r.get("event") == "epoch"]
     if not epochs:
         return
@@ -81,7 +83,8 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
         if idx:
             ax_l.scatter(xs[idx], [epochs[i]["loss"] for i in idx], s=12, color=color, label=phase)
             ax_a.scatter(xs[idx], [epochs[i]["acc"] for i in idx], s=12, color=color, label=f"{phase} (train)")
-    ax_l.plot(xs, [r["loss"] for r in epochs], color="k", lw=0.5, alpha=0.5)
+    on_weights = [i for i, r in enumerate(epochs) if r.get("split", "weights") == "weights"]
+    ax_l.plot(xs[on_weights], [epochs[i]["loss"] for i in on_weights], color="k", lw=0.5, alpha=0.5)
     val = [(i, r["val_acc"]) for i, r in enumerate(epochs) if "val_acc" in r]
     if val:
         ax_a.plot([v[0] for v in val], [v[1] for v in val], color="k", lw=1.2, label="arch-val (inference)")
@@ -92,7 +95,8 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
             for ax in (ax_l, ax_a):
                 ax.axvline(x, color="red", ls="--", lw=1)
             ax_a.text(x, ax_a.get_ylim()[0], f" {r['kind']}", color="red", fontsize=7, rotation=90, va="bottom")
-    ax_l.set(xlabel="epoch", ylabel="loss", title="training loss per epoch")
+    ax_l.set(xlabel="epoch", ylabel="loss",
+             title="loss per epoch (line: the weights split; arch epochs: the arch-val split)")
     ax_a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (growth events dashed)")
     ax_l.legend(fontsize=8)
     ax_a.legend(fontsize=7)
