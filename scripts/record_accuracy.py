@@ -60,12 +60,15 @@ def plot(records: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in records:
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(records):
         if r["test_acc"] is None:  # a run that failed (its record says why) has no curve
             continue
         pts = [p for p in r["curve"] if p[1] >= 50]
         label = f"{r['kind']} (seed {r['seed']}): {max(r['test_acc'], r['test_acc_tta']):.2f} % in {r['total_wall_s']:.0f} s"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+        style = "-" if r["kind"].startswith("searched") else "--"  # searches solid, ablations dashed
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, color=colors[i % len(colors)],
+                label=label)
     ax.axhline(95.0, color="grey", ls="--", lw=0.8)
     ax.axvline(900.0, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("wall-clock s (search + final training, compile included)")
