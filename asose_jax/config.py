@@ -22,6 +22,11 @@ from asose_jax.ops import PRIMITIVES, OP_REGISTRY
 TRAIN_MODES = tuple(m for m in MODES if m != "argmax")  # modes a training step can use
 TTA_LABELS = {"flip": "flip-TTA", "flip_translate": "flip+translate TTA"}  # final.tta -> how reports name it
 TTA_MODES = tuple(TTA_LABELS)
+
+
+def tta_label(final_result: dict) -> str:
+    """How a ``final.json`` dict names its ``test_acc_tta`` (results from before ``final.tta`` existed used flip)."""
+    return TTA_LABELS[final_result.get("tta", "flip")]
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from asose_jax.config import TTA_LABELS
+from asose_jax.config import tta_label
 
 PHASE_COLORS = {"warmup": "tab:gray", "weight": "tab:blue", "arch": "tab:orange", "retrain": "tab:green",
                 "final": "tab:purple"}
@@ -154,7 +154,7 @@ def write_report(workdir: Path, metrics: list[dict], alpha_history: list[dict], 
     if "final" in result:
         f = result["final"]
         lines += ["## Final training of the derived network", "",
-                  f"- test accuracy: **{f['test_acc']:.2f} %** ({TTA_LABELS[f.get('tta', 'flip')]}: {f['test_acc_tta']:.2f} %)",
+                  f"- test accuracy: **{f['test_acc']:.2f} %** ({tta_label(f)}: {f['test_acc_tta']:.2f} %)",
                   f"- epochs: {f['epochs']}, wall: {f['wall_s']:.1f} s, weights: {f['params']:,}", ""]
     lines += ["## Genotype", "", "| block | op | channels | stride |", "|---|---|---|---|"]
     for i, (b, op) in enumerate(zip(genotype["blocks"], genotype["ops"])):

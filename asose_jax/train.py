@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from asose_jax.arch import GenotypeError, load_genotype
-from asose_jax.config import TTA_LABELS, TTA_MODES, Config, ConfigError
+from asose_jax.config import TTA_MODES, Config, ConfigError, tta_label
 from asose_jax.data import Dataset, augment_batch, epoch_permutation, normalize
 from asose_jax.model import apply_head, conv_bn_relu, count_params, init_conv_bn, init_head
 from asose_jax.ops import OP_REGISTRY
@@ -492,16 +492,11 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
               "params": params_n, "device": device_name(), "genotype": genotype}
     _write_json(workdir / "final.json", result)
     logger.info("final training done in %.1f s: test %.2f %%, %s %.2f %% (%d weights)", result["wall_s"],
-                test_acc, TTA_LABELS[f.tta], test_acc_tta, params_n)
+                test_acc, tta_label(result), test_acc_tta, params_n)
     return result
 
 
 # ---------------------------------------------------------------------------------------------- report, CLI
-
-def tta_label(result: dict) -> str:
-    """How a ``final.json`` names its ``test_acc_tta`` (records from before ``final.tta`` existed used flip)."""
-    return TTA_LABELS[result.get("tta", "flip")]
-
 
 def write_final_summary(workdir: Path, result: dict, spec: DerivedSpec, metrics: list[dict]) -> None:
     """``final_summary.md``: the figures, the network, the per-epoch curve."""

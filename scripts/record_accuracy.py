@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from asose_jax.config import TTA_LABELS
+from asose_jax.config import tta_label
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -41,8 +41,7 @@ def build_record(args) -> dict:
         search_wall = float(result["wall_s"])
         curve += [[r["wall_s"], r["val_acc"], "arch-val accuracy (search)"] for r in _jsonl(run / "metrics.jsonl")
                   if r.get("event") == "cycle_end"]
-    tta = final.get("tta", "flip")
-    what = f"test accuracy, {TTA_LABELS[tta]} (final training)"
+    what = f"test accuracy, {tta_label(final)} (final training)"
     curve += [[search_wall + r["wall_s"], r["test_acc_tta"], what]
               for r in _jsonl(final_dir / "final_metrics.jsonl") if "test_acc_tta" in r]
     total = search_wall + float(final["wall_s"])
@@ -51,7 +50,7 @@ def build_record(args) -> dict:
     return {"config": args.config, "kind": args.kind, "seed": cfg["seed"], "search_wall_s": round(search_wall, 1),
             "final_wall_s": round(float(final["wall_s"]), 1), "total_wall_s": round(total, 1),
             "process_wall_s": args.process_wall_s, "test_acc": final["test_acc"], "test_acc_tta": final["test_acc_tta"],
-            "tta": tta, "best_of": "tta" if best_tta else "plain", "params": final["params"], "genotype": final["genotype"]["ops"],
+            "tta": final.get("tta", "flip"), "best_of": "tta" if best_tta else "plain", "params": final["params"], "genotype": final["genotype"]["ops"],
             "device": final["device"], "date": args.date, "curve": curve}
 
 
