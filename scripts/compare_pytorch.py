@@ -53,21 +53,22 @@ ROOT = Path(__file__).resolve().parent.parent
 N_BATCHES = 8
 
 
+def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
+    """Lengths of the stretches between the first start and the last end that no interval covers."""
+    gaps, end = [], None
+    for s, e in sorted(intervals):
+        if end is not None and s > end:
+            gaps.append(s - end)
+        end = e if end is None else max(end, e)
+    return gaps
+
+
 def union_busy(intervals: list[tuple[float, float]]) -> float:
     """Fraction of [first start, last end] covered by at least one interval."""
     if not intervals:
         return float("nan")
-    intervals.sort()
-    covered, (cur_s, cur_e) = 0.0, intervals[0]
-    for s, e in intervals[1:]:
-        if s > cur_e:
-            covered += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    covered += cur_e - cur_s
     span = max(e for _, e in intervals) - min(s for s, _ in intervals)
-    return covered / span if span > 0 else float("nan")
+    return 1.0 - sum(idle_gaps(intervals)) / span if span > 0 else float("nan")
 
 
 def batches_u8(batch: int, data_dir: str | None):

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from compare_pytorch import idle_gaps, union_busy
+
 
 def _kind(name: str) -> str:
     """A kernel or event name without its numeric instance suffixes (``loop_add_fusion_12`` -> ``loop_add_fusion``)."""
@@ -55,13 +57,7 @@ def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
             intervals.append((float(e["ts"]), float(e["ts"]) + dur))
         else:
             host[str(e.get("name", ""))] += dur
-    intervals.sort()
-    gaps, end = [], None
-    for s, e in intervals:
-        if end is not None and s > end:
-            gaps.append(s - end)
-        end = e if end is None else max(end, e)
-    gaps.sort()
+    gaps = sorted(idle_gaps(intervals))
     long = [g for g in gaps if g > 100]
 
     def pick(q: float) -> float | None:
@@ -76,7 +72,6 @@ def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
 
 def main() -> None:
     import jax
-    from compare_pytorch import union_busy
 
     from asose_jax import config as config_lib
     from asose_jax.cycle import Run, Task
