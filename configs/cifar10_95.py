@@ -92,8 +92,8 @@ def get_config() -> Config:
                           early_stop_cycles=0, eval_every_epoch=False),
         growth=GrowthConfig(enabled=True, every=2, stagnation_cycles=0, kinds=("deepen", "widen", "branch"),
                             strategy="original", max_depth=12, widen_factor=1.5),
-        final=FinalConfig(enabled=True, epochs=60, lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4,
+        final=FinalConfig(enabled=True, epochs=80, lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           label_smoothing=0.2, warmup_epochs=2.0, ema_decay=0.99, cutout=8, batch_size=512,
-                          skeleton="resnet", width=192, schedule="cosine", eval_every=5),
+                          skeleton="resnet", width=192, schedule="cosine", eval_every=5, tta="flip_translate"),
         checkpoint=CheckpointConfig(every_steps=0, max_to_keep=2),
     )
