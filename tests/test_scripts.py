@@ -1,5 +1,6 @@
 """The bookkeeping of the benchmark scripts: which configurations `compare_pytorch.py --resume` still has to
-run, how `ablation_genotypes.py` keeps a searched genotype's layout, and how `gpu_busy.py` splits a trace."""
+run, how `ablation_genotypes.py` keeps a searched genotype's layout, how `gpu_busy.py` splits a trace, and which
+`record_accuracy.py` records meet issue [E]'s bar."""
 import json
 import subprocess
 import sys
@@ -8,8 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import compare_pytorch as cp  # noqa: E402
+import compare_pytorch as cp
 import gpu_busy
+import record_accuracy
 
 
 def test_pins_run_a_configuration_at_one_batch_only():
@@ -91,3 +93,13 @@ def test_trace_breakdown_splits_kernel_host_and_idle_time():
                          "over_100us": 1, "over_100us_ms": 0.3}
     busy = cp.union_busy([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu])
     assert abs(busy - (150 + 200 + 10) / 710) < 1e-9
+
+
+def test_meets_bar_needs_a_search_at_95_within_900_s():
+    run = {"kind": "searched (run 7)", "test_acc": 95.27, "test_acc_tta": 95.51, "total_wall_s": 695.2}
+    assert record_accuracy.meets_bar(run)
+    assert record_accuracy.meets_bar({**run, "test_acc": 94.9, "test_acc_tta": 95.0})  # the best of the two counts
+    assert not record_accuracy.meets_bar({**run, "total_wall_s": 945.6})  # too slow
+    assert not record_accuracy.meets_bar({**run, "test_acc": 94.67, "test_acc_tta": 94.99})
+    assert not record_accuracy.meets_bar({**run, "kind": "all_sep_conv_3x3 (run 5 blocks, v6 recipe)"})  # an ablation
+    assert not record_accuracy.meets_bar({**run, "test_acc": None, "test_acc_tta": None})  # a failed run
