@@ -5,7 +5,8 @@
 Runs one weight epoch to compile and warm up, then traces the next weight epoch with the JAX profiler
 and reports the union of GPU kernel intervals over the epoch's wall time (device sync at both ends),
 plus images/s, and where the time went (``breakdown``: kernel time by kernel, host time by trace event,
-the idle gaps between kernels). Prints one JSON line; ``--keep-trace DIR`` keeps the perfetto trace.
+the idle gaps between kernels, the host time of XLA's conditional thunks); divide by ``steps`` for per-step
+figures. Prints one JSON line; ``--keep-trace DIR`` keeps the perfetto trace.
 """
 from __future__ import annotations
 
@@ -44,9 +45,12 @@ def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
     ``kernel_ms``: total duration per kernel kind on the GPU (the ``top`` largest) and ``kernel_total_ms``;
     ``host_ms``: total duration per event name on every other process (inclusive: nested events count in
     their parents too); ``gaps``: the idle intervals between merged GPU kernel intervals (count, total ms,
-    median/p90/max in us, and how many / how much are longer than 100 us).
+    median/p90/max in us, and how many / how much are longer than 100 us); ``conditionals``: the host events of
+    XLA's conditional thunks (``cond.N`` / ``conditional.N``, where the host waits for a branch index), count
+    and total ms.
     """
     kernels, host = defaultdict(float), defaultdict(float)
+    conds = []
     intervals = []
     for e in events:
         if e.get("ph") != "X":
@@ -57,6 +61,8 @@ def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
             intervals.append((float(e["ts"]), float(e["ts"]) + dur))
         else:
             host[str(e.get("name", ""))] += dur
+            if _kind(str(e.get("name", ""))) in ("cond", "conditional"):
+                conds.append(dur)
     gaps = sorted(idle_gaps(intervals))
     long = [g for g in gaps if g > 100]
 
@@ -67,7 +73,8 @@ def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
             "host_ms": _top(host, top),
             "gaps": {"count": len(gaps), "total_ms": round(sum(gaps) / 1e3, 3), "p50_us": pick(0.5),
                      "p90_us": pick(0.9), "max_us": round(gaps[-1], 1) if gaps else None,
-                     "over_100us": len(long), "over_100us_ms": round(sum(long) / 1e3, 3)}}
+                     "over_100us": len(long), "over_100us_ms": round(sum(long) / 1e3, 3)},
+            "conditionals": {"count": len(conds), "total_ms": round(sum(conds) / 1e3, 3)}}
 
 
 def main() -> None:
@@ -111,6 +118,7 @@ def main() -> None:
            and "GPU" in str(e.get("args", {}).get("name", ""))}
     row = run.metrics[-1]
     print(json.dumps({"preset": args.preset, "device": jax.devices()[0].device_kind, "epoch_s": epoch_s,
+                      "steps": run.n_weight_steps, "batch": cfg.data.batch_size,
                       "first_epoch_s_with_compile": warm_s, "img_per_s": row["img_per_s"],
                       "gpu_busy": union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
                                               if e.get("ph") == "X" and e.get("pid") in gpu]),

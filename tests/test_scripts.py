@@ -84,13 +84,17 @@ def test_trace_breakdown_splits_kernel_host_and_idle_time():
               {"ph": "X", "pid": gpu, "name": "memcpy32_post", "ts": 700, "dur": 10},
               {"ph": "X", "pid": host, "name": "ExecuteOnStream", "ts": 0, "dur": 400},
               {"ph": "X", "pid": host, "name": "ExecuteOnStream", "ts": 500, "dur": 100},
+              {"ph": "X", "pid": host, "name": "cond.7", "ts": 120, "dur": 30},
+              {"ph": "X", "pid": host, "name": "conditional", "ts": 160, "dur": 20},
+              {"ph": "X", "pid": host, "name": "second_cond.2", "ts": 190, "dur": 5},
               {"ph": "i", "pid": gpu, "name": "marker", "ts": 5}]
     b = gpu_busy.trace_breakdown(events, {gpu}, top=2)
     assert b["kernel_total_ms"] == 0.41
     assert b["kernel_ms"] == {"loop_add_fusion": 0.2, "cutlass_gemm": 0.2}  # instance suffixes merged; top 2
-    assert b["host_ms"] == {"ExecuteOnStream": 0.5}
+    assert b["host_ms"] == {"ExecuteOnStream": 0.5, "cond.7": 0.03}
     assert b["gaps"] == {"count": 2, "total_ms": 0.35, "p50_us": 300.0, "p90_us": 300.0, "max_us": 300.0,
                          "over_100us": 1, "over_100us_ms": 0.3}
+    assert b["conditionals"] == {"count": 2, "total_ms": 0.05}  # cond.N and conditional, not other names
     busy = cp.union_busy([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu])
     assert abs(busy - (150 + 200 + 10) / 710) < 1e-9
 
