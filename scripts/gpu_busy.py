@@ -5,8 +5,8 @@
 Runs one weight epoch to compile and warm up, then traces the next weight epoch with the JAX profiler
 and reports the union of GPU kernel intervals over the epoch's wall time (device sync at both ends),
 plus images/s, and where the time went (``breakdown``: kernel time by kernel, host time by trace event,
-the idle gaps between kernels, the host time of XLA's conditional thunks); divide by ``steps`` for per-step
-figures. Prints one JSON line; ``--keep-trace DIR`` keeps the perfetto trace.
+the idle gaps between kernels, the host time of XLA's conditional thunks), with the conditionals in one
+weight step (``conditionals_per_step``); divide by ``steps`` for per-step figures. Prints one JSON line; ``--keep-trace DIR`` keeps the perfetto trace.
 """
 from __future__ import annotations
 
@@ -77,6 +77,19 @@ def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
             "conditionals": {"count": len(conds), "total_ms": round(sum(conds) / 1e3, 3)}}
 
 
+def conditionals_per_step(run) -> int | None:
+    """How many conditionals (``lax.switch``/``lax.cond``, StableHLO ``case``) one weight step runs, counted on
+    its lowering (no compilation); None for the host-dispatched engine, whose per-block programs have none."""
+    import numpy as np
+
+    step = run.steps.weight_step
+    if not hasattr(step, "lower"):
+        return None
+    perm = np.zeros((1, run.cfg.data.batch_size), np.int32)
+    text = step.lower(run.state, run.x_train, run.y_train, perm, 0, run.steps.sample(run.state)).as_text()
+    return text.count("stablehlo.case")
+
+
 def main() -> None:
     import jax
 
@@ -119,9 +132,10 @@ def main() -> None:
     row = run.metrics[-1]
     print(json.dumps({"preset": args.preset, "device": jax.devices()[0].device_kind, "epoch_s": epoch_s,
                       "steps": run.n_weight_steps, "batch": cfg.data.batch_size,
+                      "conditionals_per_step": conditionals_per_step(run),
                       "first_epoch_s_with_compile": warm_s, "img_per_s": row["img_per_s"],
                       "gpu_busy": union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                                              if e.get("ph") == "X" and e.get("pid") in gpu]),
+                                              if e.get("ph") == "X" and e.get("pid") in gpu]) if gpu else None,
                       "mode": cfg.mixed_op.mode, "dispatch": cfg.mixed_op.dispatch, "precision": cfg.precision,
                       "breakdown": trace_breakdown(events, gpu)}))
 

@@ -107,3 +107,21 @@ def test_meets_bar_needs_a_search_at_95_within_900_s():
     assert not record_accuracy.meets_bar({**run, "test_acc": 94.67, "test_acc_tta": 94.99})
     assert not record_accuracy.meets_bar({**run, "kind": "all_sep_conv_3x3 (run 5 blocks, v6 recipe)"})  # an ablation
     assert not record_accuracy.meets_bar({**run, "test_acc": None, "test_acc_tta": None})  # a failed run
+
+
+def test_conditionals_per_step_counts_each_mixed_op_forward_and_backward(tmp_path):
+    """The `lax.switch` engine runs one conditional per mixed op in the forward pass and one in the backward;
+    the host-dispatched engine none (None: it runs one program per block)."""
+    from asose_jax import config as config_lib
+    from asose_jax.cycle import Run
+    from asose_jax.data import load_dataset
+
+    base = config_lib.load_config_file(config_lib.preset_path("smoke"))
+    counts = {}
+    for dispatch in ("switch", "host"):
+        cfg = config_lib.validate(config_lib.apply_overrides(base, [f"mixed_op.dispatch={dispatch}",
+                                                                    "checkpoint.enabled=false"]))
+        run = Run(cfg, load_dataset(cfg.data, cfg.seed), str(tmp_path / dispatch), progress=False)
+        run.init_state()
+        counts[dispatch] = gpu_busy.conditionals_per_step(run)
+    assert counts == {"switch": 2 * base.model.num_layers, "host": None}
