@@ -23,7 +23,15 @@ import jax
 import jax.numpy as jnp
 
 from asose_jax import mixed_op
-from asose_jax.ops import OP_REGISTRY, batch_norm, bn_stats_init, conv2d, conv_init, exact_precision
+from asose_jax.ops import (
+    OP_REGISTRY,
+    batch_norm,
+    bn_stats_init,
+    conv2d,
+    conv_init,
+    exact_precision,
+    relu,
+)
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ def conv_bn_relu(p: dict, s: dict, x: jax.Array, stride: int, train: bool) -> tu
     k = p["w"].shape[0]
     y = conv2d(x, p["w"], (stride, stride), ((k // 2, k // 2), (k // 2, k // 2)))
     y, s = batch_norm(y, s, train, p["scale"], p["bias"])
-    return jax.nn.relu(y), s
+    return relu(y), s
 
 
 def apply_block(spec: NetSpec, block: BlockSpec, params: dict, stats: dict, x: jax.Array, sels: list,

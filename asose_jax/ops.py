@@ -11,8 +11,10 @@ PyTorch baseline and this port start from the same distribution.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,26 @@ def conv2d(x: jax.Array, w: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)), 
         precision=exact_precision(x.dtype))
 
 
+@jax.custom_vjp
+def relu(x: jax.Array) -> jax.Array:
+    """``max(x, 0)``, whose backward pass keeps only its output. ``jax.nn.relu`` keeps a boolean mask and a
+    zero-filled array as large as ``x``, which a program boundary (the host-dispatched engine's block programs,
+    a conditional's branch) materialises; the output is kept anyway, as the next convolution's input."""
+    return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def _relu_bwd(y, g):
+    return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
+
+
 def _use_shift(k: int, dilation: int, dtype, channels: int) -> bool:
     impl = DEPTHWISE_IMPL["impl"]
     if impl != "auto":
@@ -74,6 +96,17 @@ def depthwise_conv(x: jax.Array, w: jax.Array, stride: int, dilation: int = 1) -
     pad = dilation * (k // 2)
     if not _use_shift(k, dilation, x.dtype, x.shape[-1]):
         return conv2d(x, w, (stride, stride), ((pad, pad), (pad, pad)), (dilation, dilation), groups=x.shape[-1])
+    return _shifted_depthwise(x, w, stride, dilation)
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False, static_argnums=(2, 3))
+def _shifted_depthwise(x: jax.Array, w: jax.Array, stride: int, dilation: int) -> jax.Array:
+    """The k*k shifted multiply-adds of :func:`depthwise_conv`. Checkpointed: its backward pass keeps only ``x``
+    and ``w`` and recomputes the shifted slices, instead of saving all k*k of them (each as large as ``x``): a
+    program boundary (the host-dispatched engine's block programs, a conditional's branch) otherwise
+    materialises them, 49 copies of the input for a 7x7 kernel."""
+    k = w.shape[0]
+    pad = dilation * (k // 2)
     n, h, wd, c = x.shape
     ho = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
     wo = (wd + 2 * pad - dilation * (k - 1) - 1) // stride + 1
@@ -96,21 +129,52 @@ def bn_stats_init(c: int) -> Stats:
 def batch_norm(x: jax.Array, stats: Stats, train: bool, scale=None, bias=None) -> tuple[jax.Array, Stats]:
     """BatchNorm over N, H, W with PyTorch semantics (biased variance to normalise, unbiased for the
     running estimate). Statistics in float32; output in ``x.dtype``."""
-    x32 = x.astype(jnp.float32)
     if train:
-        mean = jnp.mean(x32, axis=(0, 1, 2))
-        var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+        mean, var = _batch_moments(lax.stop_gradient(x))
         n = x.shape[0] * x.shape[1] * x.shape[2]
         unbiased = var * (n / max(n - 1, 1))
         m = BN_MOMENTUM
-        new_stats = {"mean": (1 - m) * stats["mean"] + m * lax.stop_gradient(mean),
-                     "var": (1 - m) * stats["var"] + m * lax.stop_gradient(unbiased)}
+        new_stats = {"mean": (1 - m) * stats["mean"] + m * mean, "var": (1 - m) * stats["var"] + m * unbiased}
+        y = _normalize_batch(x)
     else:
-        mean, var, new_stats = stats["mean"], stats["var"], stats
-    y = (x32 - mean) * lax.rsqrt(var + BN_EPS)
+        y = (x.astype(jnp.float32) - stats["mean"]) * lax.rsqrt(stats["var"] + BN_EPS)
+        new_stats = stats
     if scale is not None:
         y = y * scale + bias
     return y.astype(x.dtype), new_stats
+
+
+def _batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 mean and biased variance per channel over N, H, W of NHWC ``x``."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(0, 1, 2))
+    return mean, jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+
+
+@jax.custom_vjp
+def _normalize_batch(x: jax.Array) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps)`` with the batch's own statistics, in float32. Its backward pass keeps
+    ``x`` and two per-channel vectors (autodiff of the formula keeps two float32 arrays as large as ``x``)."""
+    mean, var = _batch_moments(x)
+    return (x.astype(jnp.float32) - mean) * lax.rsqrt(var + BN_EPS)
+
+
+def _normalize_batch_fwd(x):
+    mean, var = _batch_moments(x)
+    rstd = lax.rsqrt(var + BN_EPS)
+    return (x.astype(jnp.float32) - mean) * rstd, (x, mean, rstd)
+
+
+def _normalize_batch_bwd(res, g):
+    """The BatchNorm input gradient: ``rstd * (g - mean(g) - x_hat * mean(g * x_hat))``, means over N, H, W."""
+    x, mean, rstd = res
+    x_hat = (x.astype(jnp.float32) - mean) * rstd
+    g_mean = jnp.mean(g, axis=(0, 1, 2))
+    gx_mean = jnp.mean(g * x_hat, axis=(0, 1, 2))
+    return ((rstd * (g - g_mean - x_hat * gx_mean)).astype(x.dtype),)
+
+
+_normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 
 def _pool_out(h: int, stride: int) -> int:
@@ -175,7 +239,7 @@ def _skip_apply(p, s, x, stride, train):
     """Identity, or at stride 2 the FactorizedReduce (ReLU, two 1x1 stride-2 convs, one on x shifted)."""
     if stride == 1:
         return x, s
-    x = jax.nn.relu(x)
+    x = relu(x)
     st = (stride, stride)
     a = conv2d(x, p["conv1"], st)
     b = conv2d(x[:, 1:, 1:, :], p["conv2"], st)
@@ -194,9 +258,9 @@ def _sep_init(k):
 
 def _sep_apply(p, s, x, stride, train):
     """DARTS SepConv: [ReLU, dw k x k (stride s), pw 1x1, BN], then the same at stride 1."""
-    y = conv2d(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
+    y = conv2d(depthwise_conv(relu(x), p["dw1"], stride), p["pw1"])
     y, bn1 = batch_norm(y, s["bn1"], train)
-    y = conv2d(depthwise_conv(jax.nn.relu(y), p["dw2"], 1), p["pw2"])
+    y = conv2d(depthwise_conv(relu(y), p["dw2"], 1), p["pw2"])
     y, bn2 = batch_norm(y, s["bn2"], train)
     return y, {"bn1": bn1, "bn2": bn2}
 
@@ -210,7 +274,7 @@ def _dil_init(k):
 
 def _dil_apply(p, s, x, stride, train):
     """ReLU, depthwise k x k with dilation 2 (stride s), pointwise 1x1, BN."""
-    y = conv2d(depthwise_conv(jax.nn.relu(x), p["dw"], stride, dilation=2), p["pw"])
+    y = conv2d(depthwise_conv(relu(x), p["dw"], stride, dilation=2), p["pw"])
     y, bn = batch_norm(y, s["bn"], train)
     return y, {"bn": bn}
 
@@ -222,7 +286,7 @@ def _conv71_init(key, c, stride):
 
 def _conv71_apply(p, s, x, stride, train):
     """ReLU, full 1x7 conv (stride (1, s)), full 7x1 conv (stride (s, 1)), BN."""
-    y = conv2d(jax.nn.relu(x), p["conv1x7"], (1, stride), ((0, 0), (3, 3)))
+    y = conv2d(relu(x), p["conv1x7"], (1, stride), ((0, 0), (3, 3)))
     y = conv2d(y, p["conv7x1"], (stride, 1), ((3, 3), (0, 0)))
     y, bn = batch_norm(y, s["bn"], train)
     return y, {"bn": bn}
@@ -234,7 +298,7 @@ def _conv3_init(key, c, stride):
 
 def _conv3_apply(p, s, x, stride, train):
     """ReLU, full 3x3 conv (stride s, pad 1), BN. An addition to the original's 10 primitives."""
-    y = conv2d(jax.nn.relu(x), p["conv"], (stride, stride), ((1, 1), (1, 1)))
+    y = conv2d(relu(x), p["conv"], (stride, stride), ((1, 1), (1, 1)))
     y, bn = batch_norm(y, s["bn"], train)
     return y, {"bn": bn}
 

@@ -189,6 +189,70 @@ def test_batch_norm_train_vs_eval():
     np.testing.assert_allclose(np.asarray(y_aff, np.float32), 2 * np.asarray(y) + 1, atol=0.1)
 
 
+def _plain_batch_norm(x, scale, bias):
+    """The train-mode BatchNorm formula, left to autodiff (the reference for the custom backward pass)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+    return (((x32 - mean) * jax.lax.rsqrt(var + ops.BN_EPS)) * scale + bias).astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_gradient_matches_autodiff_of_the_formula(dtype):
+    x = (3.0 + 2.0 * _x(c=3)).astype(dtype)
+    scale, bias = jnp.array([1.5, -0.5, 2.0]), jnp.array([0.1, 0.2, -0.3])
+    probe = jax.random.normal(jax.random.PRNGKey(5), x.shape)  # a non-trivial cotangent
+
+    def loss(f):
+        return lambda x, s, b: jnp.sum(probe * f(x, s, b).astype(jnp.float32))
+    ours = jax.grad(loss(lambda x, s, b: ops.batch_norm(x, ops.bn_stats_init(3), True, s, b)[0]), (0, 1, 2))(
+        x, scale, bias)
+    ref = jax.grad(loss(_plain_batch_norm), (0, 1, 2))(x, scale, bias)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(ours, ref):
+        chex.assert_type(a, b.dtype)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
+
+
+def test_relu_gradient_matches_jax_nn_relu():
+    x = _x(c=3).at[0, 0, 0].set(0.0)  # includes exact zeros: gradient 0 there, as jax.nn.relu
+    g = jax.random.normal(jax.random.PRNGKey(6), x.shape)
+    ours = jax.vjp(ops.relu, x)[1](g)[0]
+    ref = jax.vjp(jax.nn.relu, x)[1](g)[0]
+    np.testing.assert_array_equal(np.asarray(ops.relu(x)), np.asarray(jax.nn.relu(x)))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
+@pytest.mark.parametrize("k,dilation", [(3, 1), (7, 1), (5, 2)])
+def test_depthwise_shift_gradient_matches_lax(depthwise_impl, k, dilation):
+    x = _x(c=4, h=9)
+    w = jax.random.normal(jax.random.PRNGKey(2), (k, k, 1, 4), jnp.float32)
+    grads = {}
+    for impl in ("lax", "shift"):
+        depthwise_impl(impl)
+        grads[impl] = jax.grad(lambda x, w: jnp.sum(jnp.sin(ops.depthwise_conv(x, w, 1, dilation))), (0, 1))(x, w)
+    for a, b in zip(grads["shift"], grads["lax"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def _saved_bytes(f, *args) -> int:
+    """Bytes of the residuals that ``jax.vjp`` of ``f`` keeps for the backward pass, unique buffers."""
+    _, vjp = jax.vjp(f, *args)
+    return sum({id(leaf): leaf.nbytes for leaf in jax.tree.leaves(vjp) if isinstance(leaf, jax.Array)}.values())
+
+
+def test_sep_conv_keeps_three_maps_per_half_for_backward(depthwise_impl):
+    """A SepConv half (ReLU, depthwise, pointwise, BN) keeps the ReLU output, the depthwise output and the BN
+    input, as PyTorch does: no k*k shifted copies (shift formulation), no ReLU mask or zero fill, no second
+    BatchNorm map."""
+    depthwise_impl("shift")
+    x = _x(c=8, h=8)
+    p, s = OP_REGISTRY["sep_conv_7x7"].init(jax.random.PRNGKey(0), 8, 1)
+    saved = _saved_bytes(lambda p, x: OP_REGISTRY["sep_conv_7x7"].apply(p, s, x, 1, True)[0], p, x)
+    one_map, weights = x.nbytes, sum(v.nbytes for v in p.values())
+    assert saved <= 6 * one_map + weights + 1024  # 3 maps per half; small per-channel vectors
+
+
 @pytest.mark.torch
 def test_batch_norm_matches_torch():
     torch = pytest.importorskip("torch")
