@@ -128,20 +128,21 @@ def bn_stats_init(c: int) -> Stats:
 
 def batch_norm(x: jax.Array, stats: Stats, train: bool, scale=None, bias=None) -> tuple[jax.Array, Stats]:
     """BatchNorm over N, H, W with PyTorch semantics (biased variance to normalise, unbiased for the
-    running estimate). Statistics in float32; output in ``x.dtype``."""
+    running estimate), affine when ``scale`` and ``bias`` (``[C]``) are given. Statistics in float32; output
+    in ``x.dtype``."""
     if train:
         mean, var = _batch_moments(lax.stop_gradient(x))
         n = x.shape[0] * x.shape[1] * x.shape[2]
         unbiased = var * (n / max(n - 1, 1))
         m = BN_MOMENTUM
         new_stats = {"mean": (1 - m) * stats["mean"] + m * mean, "var": (1 - m) * stats["var"] + m * unbiased}
-        y = _normalize_batch(x)
-    else:
-        y = (x.astype(jnp.float32) - stats["mean"]) * lax.rsqrt(stats["var"] + BN_EPS)
-        new_stats = stats
+        if scale is None:
+            scale, bias = jnp.ones(x.shape[-1], jnp.float32), jnp.zeros(x.shape[-1], jnp.float32)
+        return _normalize_batch(x, scale, bias).astype(x.dtype), new_stats
+    y = (x.astype(jnp.float32) - stats["mean"]) * lax.rsqrt(stats["var"] + BN_EPS)
     if scale is not None:
         y = y * scale + bias
-    return y.astype(x.dtype), new_stats
+    return y.astype(x.dtype), stats
 
 
 def _batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -152,26 +153,28 @@ def _batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @jax.custom_vjp
-def _normalize_batch(x: jax.Array) -> jax.Array:
-    """``(x - mean) / sqrt(var + eps)`` with the batch's own statistics, in float32. Its backward pass keeps
-    ``x`` and two per-channel vectors (autodiff of the formula keeps two float32 arrays as large as ``x``)."""
-    mean, var = _batch_moments(x)
-    return (x.astype(jnp.float32) - mean) * lax.rsqrt(var + BN_EPS)
+def _normalize_batch(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` with the batch's own statistics, in float32. Its
+    backward pass keeps ``x``, ``scale`` and two per-channel vectors, as PyTorch's does (autodiff of the
+    formula keeps three float32 arrays as large as ``x``)."""
+    return _normalize_batch_fwd(x, scale, bias)[0]
 
 
-def _normalize_batch_fwd(x):
+def _normalize_batch_fwd(x, scale, bias):
     mean, var = _batch_moments(x)
     rstd = lax.rsqrt(var + BN_EPS)
-    return (x.astype(jnp.float32) - mean) * rstd, (x, mean, rstd)
+    return (x.astype(jnp.float32) - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
 
 
 def _normalize_batch_bwd(res, g):
-    """The BatchNorm input gradient: ``rstd * (g - mean(g) - x_hat * mean(g * x_hat))``, means over N, H, W."""
-    x, mean, rstd = res
+    """With ``x_hat = (x - mean) * rstd`` and ``g_hat = g * scale``: ``dx = rstd * (g_hat - mean(g_hat) -
+    x_hat * mean(g_hat * x_hat))``, ``dscale = sum(g * x_hat)``, ``dbias = sum(g)``; means and sums over N, H, W."""
+    x, mean, rstd, scale = res
     x_hat = (x.astype(jnp.float32) - mean) * rstd
-    g_mean = jnp.mean(g, axis=(0, 1, 2))
-    gx_mean = jnp.mean(g * x_hat, axis=(0, 1, 2))
-    return ((rstd * (g - g_mean - x_hat * gx_mean)).astype(x.dtype),)
+    g_scale, g_bias = jnp.sum(g * x_hat, axis=(0, 1, 2)), jnp.sum(g, axis=(0, 1, 2))
+    n = x.size // x.shape[-1]
+    g_x = (rstd * scale) * (g - g_bias / n - x_hat * (g_scale / n))
+    return g_x.astype(x.dtype), g_scale, g_bias
 
 
 _normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)

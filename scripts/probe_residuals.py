@@ -55,8 +55,8 @@ def jax_residuals(batch: int, precision: str) -> dict[str, float]:
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
             for leaf in jax.tree.leaves(out[vjp_at]):
-                if isinstance(leaf, jax.Array):
-                    seen[id(leaf)] = leaf.nbytes
+                if isinstance(leaf, jax.Array):  # one device buffer may come back as several Array objects
+                    seen[leaf.unsafe_buffer_pointer()] = leaf.nbytes
             return out
         return wrapped
 

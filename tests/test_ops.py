@@ -197,17 +197,23 @@ def _plain_batch_norm(x, scale, bias):
     return (((x32 - mean) * jax.lax.rsqrt(var + ops.BN_EPS)) * scale + bias).astype(x.dtype)
 
 
+@pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_batch_norm_gradient_matches_autodiff_of_the_formula(dtype):
+def test_batch_norm_gradient_matches_autodiff_of_the_formula(dtype, affine):
     x = (3.0 + 2.0 * _x(c=3)).astype(dtype)
     scale, bias = jnp.array([1.5, -0.5, 2.0]), jnp.array([0.1, 0.2, -0.3])
     probe = jax.random.normal(jax.random.PRNGKey(5), x.shape)  # a non-trivial cotangent
 
     def loss(f):
         return lambda x, s, b: jnp.sum(probe * f(x, s, b).astype(jnp.float32))
-    ours = jax.grad(loss(lambda x, s, b: ops.batch_norm(x, ops.bn_stats_init(3), True, s, b)[0]), (0, 1, 2))(
-        x, scale, bias)
-    ref = jax.grad(loss(_plain_batch_norm), (0, 1, 2))(x, scale, bias)
+
+    def ours_bn(x, s, b):
+        return ops.batch_norm(x, ops.bn_stats_init(3), True, *((s, b) if affine else ()))[0]
+
+    def ref_bn(x, s, b):
+        return _plain_batch_norm(x, s, b) if affine else _plain_batch_norm(x, jnp.ones(3), jnp.zeros(3))
+    ours = jax.grad(loss(ours_bn), (0, 1, 2))(x, scale, bias)
+    ref = jax.grad(loss(ref_bn), (0, 1, 2))(x, scale, bias)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     for a, b in zip(ours, ref):
         chex.assert_type(a, b.dtype)
@@ -251,6 +257,14 @@ def test_sep_conv_keeps_three_maps_per_half_for_backward(depthwise_impl):
     saved = _saved_bytes(lambda p, x: OP_REGISTRY["sep_conv_7x7"].apply(p, s, x, 1, True)[0], p, x)
     one_map, weights = x.nbytes, sum(v.nbytes for v in p.values())
     assert saved <= 6 * one_map + weights + 1024  # 3 maps per half; small per-channel vectors
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_keeps_only_its_input_for_backward(affine):
+    x, c = _x(c=8, h=8), 8
+    args = (jnp.full((c,), 1.5), jnp.full((c,), 0.1)) if affine else ()
+    saved = _saved_bytes(lambda x, *sb: ops.batch_norm(x, ops.bn_stats_init(c), True, *sb)[0], x, *args)
+    assert saved <= x.nbytes + 4 * c * 4  # x, and per-channel mean, rstd, scale
 
 
 @pytest.mark.torch
