@@ -6,7 +6,8 @@ Runs one weight epoch to compile and warm up, then traces the next weight epoch 
 and reports the union of GPU kernel intervals over the epoch's wall time (device sync at both ends),
 plus images/s, and where the time went (``breakdown``: kernel time by kernel, host time by trace event,
 the idle gaps between kernels, the host time of XLA's conditional thunks), with the conditionals in one
-weight step (``conditionals_per_step``); divide by ``steps`` for per-step figures. Prints one JSON line; ``--keep-trace DIR`` keeps the perfetto trace.
+weight step (``conditionals_per_step``); divide by ``steps`` for per-step figures. Prints one JSON line;
+``--keep-trace DIR`` keeps the perfetto trace.
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def plot(records: list[dict], png: Path) -> None:
         pts = [p for p in r["curve"] if p[1] >= 50]
         best = max(r["test_acc"], r["test_acc_tta"])
         searched, passed = r["kind"].startswith("searched"), meets_bar(r)
-        label = f"{r['kind']} (seed {r['seed']}): {best:.2f} % in {r['total_wall_s']:.0f} s" + (" [bar met]" if passed else "")
+        label = f"{r['kind']} (seed {r['seed']}): {best:.2f} % in {r['total_wall_s']:.0f} s{' [bar met]' if passed else ''}"
         # searches solid, ablations dashed; a search that meets the bar in black, thick, a star at its end
         color = "black" if passed else colors[i % len(colors)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if searched else "--", marker="o", ms=3,
