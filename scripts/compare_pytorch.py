@@ -94,31 +94,42 @@ def median_ms(run_chunk, steps: int, chunks: int = 5) -> float:
 
 # ================================================================================================ JAX worker
 
+def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispatch: str = "host",
+              data_dir: str | None = None):
+    """The `original` network (C0=32, L=4) in one mixed-op mode: ``(spec, x, y, perm, state, steps)``, with
+    N_BATCHES uint8 batches on the device and ``perm`` ``[N_BATCHES, batch]`` indexing them in order."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, str(ROOT))
+    from asose_jax import model
+    from asose_jax import steps as steps_lib
+    from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
+
+    cfg = dataclasses.replace(Config(), precision=precision, remat=remat,
+                              model=ModelConfig(skeleton="original", init_channels=32, num_layers=4),
+                              mixed_op=MixedOpConfig(mode=mode, k=3, weight_threshold=0.01, dispatch=dispatch),
+                              data=DataConfig(batch_size=batch))
+    spec = model.build_spec("original", 32, 4, cfg.model.ops)
+    xs, ys = batches_u8(batch, data_dir)
+    perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
+    state = jax.jit(steps_lib.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
+    return spec, jnp.asarray(xs), jnp.asarray(ys), perm, state, steps_lib.make_steps(spec, cfg, N_BATCHES)
+
+
 def jax_worker(args) -> dict:
     """Compile (into ``--cache-dir`` when given); with ``--compile-only`` return ``compile_s`` and the XLA FLOP
     count; else print READY, wait for GO on stdin, then time, and return the record."""
     import jax
-    import jax.numpy as jnp
     sys.path.insert(0, str(ROOT))
-    import dataclasses
-    from asose_jax import model, steps as steps_lib
     if args.cache_dir:
         from asose_jax.search import enable_compilation_cache
         os.environ.update(ASOSE_JAX_CACHE=args.cache_dir, ASOSE_JAX_CACHE_MIN_COMPILE_S="0")
         enable_compilation_cache()
-    from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
 
     mode, prec, batch = args.mode, args.precision, args.batch
-    cfg = dataclasses.replace(Config(), precision=prec, remat=args.remat,
-                              model=ModelConfig(skeleton="original", init_channels=32, num_layers=4),
-                              mixed_op=MixedOpConfig(mode=mode, k=3, weight_threshold=0.01, dispatch=args.dispatch),
-                              data=DataConfig(batch_size=batch))
-    spec = model.build_spec("original", 32, 4, cfg.model.ops)
-    xs, ys = batches_u8(batch, args.data_dir)
-    x, y = jnp.asarray(xs), jnp.asarray(ys)
-    perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
-    state = jax.jit(steps_lib.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
-    S = steps_lib.make_steps(spec, cfg, N_BATCHES)
+    spec, x, y, perm, state, S = jax_setup(mode, prec, batch, args.remat, args.dispatch, args.data_dir)
     host = mode == "single" and args.dispatch == "host"
     box = {"state": state, "i": 0}
 

@@ -13,7 +13,6 @@ MiB saved per op, and their mean.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from compare_pytorch import N_BATCHES, batches_u8
+from compare_pytorch import N_BATCHES, batches_u8, jax_setup
 
 MIB = 2 ** 20
 
@@ -32,22 +31,11 @@ def jax_residuals(batch: int, precision: str) -> dict[str, float]:
     """MiB of unique residual buffers of one weight step of the host-dispatched `single` engine, per op (every
     row choosing that op)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from asose_jax import model, single_path
-    from asose_jax import steps as steps_lib
-    from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
+    from asose_jax import single_path
 
-    cfg = dataclasses.replace(Config(), precision=precision,
-                              model=ModelConfig(skeleton="original", init_channels=32, num_layers=4),
-                              mixed_op=MixedOpConfig(mode="single", dispatch="host"), data=DataConfig(batch_size=batch))
-    spec = model.build_spec("original", 32, 4, cfg.model.ops)
-    xs, ys = batches_u8(batch, None)
-    x, y = jnp.asarray(xs), jnp.asarray(ys)
-    perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
-    state = steps_lib.create_train_state(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
-    engine = steps_lib.make_steps(spec, cfg, N_BATCHES)
+    spec, x, y, perm, state, engine = jax_setup("single", precision, batch, dispatch="host")
     seen: dict[int, int] = {}
     originals = {name: getattr(single_path, name) for name in ("_stem_fwd", "_block_fwd")}
 
