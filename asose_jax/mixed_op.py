@@ -13,9 +13,13 @@ scalar op indices and their coefficients. ``apply`` runs exactly the selected op
 | `fixed`     | 1            | op index static at trace time (used by `single_path`)          |
 
 The index is an unbatched scalar per mixed op, so under ``jit`` XLA really skips the other branches.
+The switch modes run through :func:`switched`, whose backward pass recomputes the chosen op inside a second
+switch rather than keeping residuals (see there).
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
@@ -117,9 +121,92 @@ def apply(ops: tuple[str, ...], stride: int, params: dict, stats: dict, x: jax.A
             y = y + yi
         return y, stats
     # single / topk / argmax: one scalar switch per chosen op
+    run = switched(tuple(ops), stride, train)
     y = None
     for j in range(sel["idx"].shape[0]):
-        yj, stats = lax.switch(sel["idx"][j], branches, params, stats, x)
+        yj, stats = run(sel["idx"][j], params, stats, x)
         term = sel["coeff"][j].astype(yj.dtype) * yj
         y = term if y is None else y + term
     return y, stats
+
+
+# ---------------------------------------------------------------------------------------------- switched op
+
+def _size(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def _pack(tree, length: int) -> jax.Array:
+    """The leaves of ``tree`` as one float32 vector ``[length]`` (zero-padded)."""
+    leaves = [leaf.reshape(-1).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
+    flat = jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
+    return jnp.pad(flat, (0, length - flat.shape[0]))
+
+
+def _unpack(flat: jax.Array, like):
+    """Inverse of :func:`_pack`: a tree shaped and typed like ``like``."""
+    leaves, treedef = jax.tree.flatten(like)
+    out, at = [], 0
+    for leaf in leaves:
+        n = math.prod(leaf.shape)
+        out.append(flat[at:at + n].reshape(leaf.shape).astype(leaf.dtype))
+        at += n
+    return jax.tree.unflatten(treedef, out)
+
+
+def _pick(idx: jax.Array, flat: jax.Array, trees: dict, names: tuple[str, ...], other) -> dict:
+    """Per op ``names[k]``: ``flat`` unpacked where ``idx == k``, else ``other(tree)``."""
+    return {n: jax.tree.map(lambda new, old, k=k: jnp.where(idx == k, new, other(old)), _unpack(flat, trees[n]),
+                            trees[n]) for k, n in enumerate(names)}
+
+
+@functools.cache
+def switched(ops: tuple[str, ...], stride: int, train: bool):
+    """``(idx, params, stats, x) -> (y, new stats)``: op ``ops[idx]`` through one ``lax.switch``.
+
+    ``lax.switch`` differentiated by JAX makes every branch return the union of all branches' residuals
+    (zero-filled where the branch is not taken), the new statistics of every op and, backward, the gradient of
+    every op's weights (zeros for the others): XLA copies or fills each of these buffers at every conditional
+    (measured on an H100: tens of copy kernels per conditional; docs/benchmarks.md section 2). Here the
+    forward branches return only ``y`` and the chosen op's statistics packed into one vector, and a custom VJP
+    recomputes the chosen op inside a second switch, which returns ``dx`` and the op's weight gradient packed
+    into one vector; the per-op values are unpacked outside the conditionals. Same values and gradients as
+    the plain switch (tests/test_mixed_op.py)."""
+    n_ops = len(ops)
+
+    def forward(idx, params, stats, x):
+        s_len = max(_size(stats[n]) for n in ops) if train else 0
+
+        def branch(k):
+            def run(p, s, a):
+                y, new = OP_REGISTRY[ops[k]].apply(p[ops[k]], s[ops[k]], a, stride, train)
+                return y, _pack(new, s_len) if train else jnp.zeros((0,), jnp.float32)
+            return run
+        y, s_flat = lax.switch(idx, [branch(k) for k in range(n_ops)], params, stats, x)
+        return y, (_pick(idx, s_flat, stats, ops, lambda old: old) if train else stats)
+
+    @jax.custom_vjp
+    def run(idx, params, stats, x):
+        return forward(idx, params, stats, x)
+
+    def run_fwd(idx, params, stats, x):
+        return forward(idx, params, stats, x), (idx, params, stats, x)
+
+    def run_bwd(res, cts):
+        idx, params, stats, x = res
+        g_y = cts[0]
+        p_len = max(_size(params[n]) for n in ops)
+
+        def branch(k):
+            def run_k(p, s, a, g):
+                def f(pk, ak):
+                    return OP_REGISTRY[ops[k]].apply(pk, s[ops[k]], ak, stride, train)[0]
+                _, vjp = jax.vjp(f, p[ops[k]], a)
+                g_p, g_a = vjp(g)
+                return _pack(g_p, p_len), g_a
+            return run_k
+        g_flat, g_x = lax.switch(idx, [branch(k) for k in range(n_ops)], params, stats, x, g_y)
+        return None, _pick(idx, g_flat, params, ops, jnp.zeros_like), None, g_x
+
+    run.defvjp(run_fwd, run_bwd)
+    return run

@@ -41,10 +41,10 @@ def lax_depthwise():
     ops.DEPTHWISE_IMPL["impl"] = saved
 
 
-def init_path_np(c: int, seed: int = 0):
+def init_path_np(c: int, seed: int = 0, stride: int = 1):
     """``model.init_path`` structure, filled from numpy (jitting the threefry init costs seconds on CPU)."""
     rng = np.random.default_rng(seed)
-    params, stats = jax.eval_shape(lambda k: model.init_path(k, OPS, c, 1), jax.random.PRNGKey(0))
+    params, stats = jax.eval_shape(lambda k: model.init_path(k, OPS, c, stride), jax.random.PRNGKey(0))
     params = jax.tree.map(lambda a: jnp.asarray(rng.uniform(-1, 1, a.shape) / np.sqrt(np.prod(a.shape[:-1])),
                                                 jnp.float32), params)
     stats = jax.tree_util.tree_map_with_path(
@@ -232,6 +232,31 @@ def test_unchosen_ops_untouched(path):
             else:
                 assert not changed, (mode, name)
                 assert g_norm == 0.0, (mode, name)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_switched_equals_plain_switch(path, stride):
+    """``mixed_op.switched`` (packed statistics, backward recomputing the chosen op in a second switch) gives the
+    values, statistics and gradients (weights, input, a coefficient) of a plain differentiated ``lax.switch``."""
+    x = path[2]
+    params, stats = init_path_np(C, stride=stride)
+    r = jnp.asarray(np.random.default_rng(5).standard_normal((N, HW // stride, HW // stride, C)), jnp.float32)
+    plain_branches = [mixed_op._branch(name, stride, True) for name in OPS]
+
+    def loss(fn, p, a, c, idx):
+        y, s = fn(idx, p, stats, a)
+        return jnp.sum(jnp.sin(c * y) * r), s
+
+    def plain(idx, p, s, a):
+        return jax.lax.switch(idx, plain_branches, p, s, a)
+
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
+    for idx in range(NUM):
+        (gp, ga, gc), s = grad(mixed_op.switched(OPS, stride, True), params, x, 1.5, idx)
+        (gp0, ga0, gc0), s0 = grad(plain, params, x, 1.5, idx)
+        chex.assert_trees_all_close((gp, ga, gc), (gp0, ga0, gc0), atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(s, s0, atol=1e-6)
+        assert float(jnp.sum(jnp.abs(ga))) > 0 or OPS[idx] == "none", OPS[idx]
 
 
 # ---------------------------------------------------------------------------------------------- skipping
