@@ -95,9 +95,10 @@ def median_ms(run_chunk, steps: int, chunks: int = 5) -> float:
 # ================================================================================================ JAX worker
 
 def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispatch: str = "host",
-              data_dir: str | None = None):
+              data_dir: str | None = None, ops: tuple[str, ...] | None = None):
     """The `original` network (C0=32, L=4) in one mixed-op mode: ``(spec, x, y, perm, state, steps)``, with
-    N_BATCHES uint8 batches on the device and ``perm`` ``[N_BATCHES, batch]`` indexing them in order."""
+    N_BATCHES uint8 batches on the device and ``perm`` ``[N_BATCHES, batch]`` indexing them in order.
+    ``ops``: the candidate ops (default: the original's ten)."""
     import dataclasses
 
     import jax
@@ -107,8 +108,10 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
     from asose_jax import steps as steps_lib
     from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
 
-    cfg = dataclasses.replace(Config(), precision=precision, remat=remat,
-                              model=ModelConfig(skeleton="original", init_channels=32, num_layers=4),
+    model_cfg = ModelConfig(skeleton="original", init_channels=32, num_layers=4)
+    if ops is not None:
+        model_cfg = dataclasses.replace(model_cfg, ops=tuple(ops))
+    cfg = dataclasses.replace(Config(), precision=precision, remat=remat, model=model_cfg,
                               mixed_op=MixedOpConfig(mode=mode, k=3, weight_threshold=0.01, dispatch=dispatch),
                               data=DataConfig(batch_size=batch))
     spec = model.build_spec("original", 32, 4, cfg.model.ops)
@@ -116,6 +119,63 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
     perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
     state = jax.jit(steps_lib.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
     return spec, jnp.asarray(xs), jnp.asarray(ys), perm, state, steps_lib.make_steps(spec, cfg, N_BATCHES)
+
+
+def trace_events(run) -> tuple[list[dict], set]:
+    """``run()`` under the JAX profiler: its Chrome-trace events and the process ids of the GPU streams (empty
+    without a GPU)."""
+    import jax
+    with tempfile.TemporaryDirectory() as tdir:
+        jax.profiler.start_trace(tdir, create_perfetto_trace=True)
+        run()
+        jax.profiler.stop_trace()
+        files = glob.glob(f"{tdir}/**/*.json.gz", recursive=True)
+        if not files:
+            return [], set()
+        with gzip.open(files[0]) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in str(e.get("args", {}).get("name", ""))}
+    return events, gpu_pids
+
+
+def traced_gpu_busy(run) -> float:
+    """GPU busy fraction (``union_busy`` of the GPU kernel intervals) of ``run()``; NaN without a GPU."""
+    events, gpu_pids = trace_events(run)
+    return union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                       if e.get("ph") == "X" and e.get("pid") in gpu_pids])
+
+
+def forced_choices(spec, mode: str, host: bool, k: int = 3) -> list:
+    """Op choices that, one step each, run every op of every row: ``[rows, 1]`` op ``j`` everywhere
+    (``single``/``argmax``; the host engine's ``{"idx", "noise"}``), ``[rows, k]`` (``topk``), every op
+    at once (``threshold``'s keep-mask), or one dummy choice (``dense``). ``topk``: ``k`` consecutive ops from each
+    op on, so every op runs in each of a row's ``k`` switches."""
+    import jax.numpy as jnp
+    n, rows = len(spec.ops), spec.num_rows
+    if host:
+        return [{"idx": np.full((rows,), j, np.int32), "noise": np.zeros((rows, n), np.float32)} for j in range(n)]
+    if mode in ("single", "argmax"):
+        return [jnp.full((rows, 1), j, jnp.int32) for j in range(n)]
+    if mode == "topk":  # every op in each of the k switches of a row
+        return [jnp.tile((j + jnp.arange(k, dtype=jnp.int32)) % n, (rows, 1)) for j in range(n)]
+    if mode == "threshold":
+        return [jnp.ones((rows, n), bool)]
+    return [jnp.zeros((rows, 1), jnp.int32)]
+
+
+def run_every_op(spec, S, mode: str, host: bool, state, x, y, perm):
+    """Weight steps, then arch steps, on ``forced_choices``: compiles every program and runs every branch of every
+    conditional once, before timing. The first run of a branch costs far more than the next ones in bf16: the
+    ``lax.switch`` path's bf16 arch steps measured 31-147 ms each when timed while branches still ran for the
+    first time, 2.1-2.3 ms after this warm-up (H100, docs/benchmarks.md section 2). Returns the state."""
+    import jax
+    for fn in (S.weight_step, S.arch_step):
+        for choice in forced_choices(spec, mode, host):
+            state = fn(state, x, y, perm, 0, choice)
+        jax.block_until_ready(state)
+    return state
 
 
 def jax_worker(args) -> dict:
@@ -146,17 +206,7 @@ def jax_worker(args) -> dict:
         return run
 
     t0 = time.perf_counter()
-    if host:  # compile every (block, op) program: one step per op with every row forced to it
-        n_ops, rows = len(spec.ops), spec.num_rows
-        for fn in (S.weight_step, S.arch_step):
-            for j in range(n_ops):
-                s = box["state"]
-                forced = {"idx": np.full((rows,), j, np.int32), "noise": np.zeros((rows, n_ops), np.float32)}
-                box["state"] = fn(s, x, y, perm, 0, forced)
-            jax.block_until_ready(box["state"])
-    else:
-        chunk(S.weight_step)(1)
-        chunk(S.arch_step)(1)
+    box["state"] = run_every_op(spec, S, mode, host, box["state"], x, y, perm)
     compile_s = time.perf_counter() - t0
     flops = None
     if args.compile_only and not host:
@@ -177,20 +227,8 @@ def jax_worker(args) -> dict:
     chunk(S.arch_step)(5)
     arch_ms = median_ms(chunk(S.arch_step), max(args.steps // 2, 5))
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2 ** 20
-    busy = float("nan")
-    with tempfile.TemporaryDirectory() as tdir:
-        chunk(S.weight_step)(3)
-        jax.profiler.start_trace(tdir, create_perfetto_trace=True)
-        chunk(S.weight_step)(20)
-        jax.profiler.stop_trace()
-        files = glob.glob(f"{tdir}/**/*.json.gz", recursive=True)
-        if files:
-            trace = json.load(gzip.open(files[0]))
-            events = trace["traceEvents"] if isinstance(trace, dict) else trace
-            gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                        and "GPU" in str(e.get("args", {}).get("name", ""))}
-            busy = union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                               if e.get("ph") == "X" and e.get("pid") in gpu_pids])
+    chunk(S.weight_step)(3)
+    busy = traced_gpu_busy(lambda: chunk(S.weight_step)(20))
     return {"framework": "jax", "mode": mode, "precision": prec, "batch": batch, "remat": bool(args.remat),
             "dispatch": args.dispatch if mode == "single" else None, "weight_ms": weight_ms, "arch_ms": arch_ms,
             "img_per_s": batch / weight_ms * 1000, "peak_mib": peak, "gpu_busy": busy, "compile_s": compile_s}
@@ -589,8 +627,8 @@ def main() -> None:
         print("RESULT " + json.dumps(jax_worker(args)), flush=True)
         return
 
-    import torch
     import jax
+    import torch
     out_path = Path(args.out)
     cuda = torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "date": datetime.date.today().isoformat(),

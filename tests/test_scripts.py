@@ -1,16 +1,21 @@
 """The bookkeeping of the benchmark scripts: which configurations `compare_pytorch.py --resume` still has to
-run, how `ablation_genotypes.py` keeps a searched genotype's layout, how `gpu_busy.py` splits a trace, and which
-`record_accuracy.py` records meet issue [E]'s bar."""
+run and which op choices its warm-up forces, how `ablation_genotypes.py` keeps a searched genotype's layout, how
+`gpu_busy.py` splits a trace, how `probe_conditionals.py` reads an optimised HLO, and which `record_accuracy.py`
+records meet issue [E]'s bar."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import compare_pytorch as cp
 import gpu_busy
+import probe_conditionals
 import record_accuracy
 
 
@@ -55,6 +60,53 @@ def test_record_heads_match_the_worker_records():
     assert cp.record_key(rec) == cp.jax_key(128, "single:fp32:switch")
     assert cp.record_key({"framework": "torch", "mode": "single", "precision": "fp32", "batch": 128,
                           "remat": False, "profile_syncs": True}) == cp.torch_key("single_profiled", 128)
+
+
+def test_warm_up_choices_run_every_op_in_every_switch_of_every_row():
+    spec = SimpleNamespace(ops=tuple(f"op{i}" for i in range(10)), num_rows=4)
+    for mode, k in (("single", 1), ("argmax", 1), ("topk", 3)):
+        choices = [np.asarray(c) for c in cp.forced_choices(spec, mode, host=False)]
+        assert all(c.shape == (4, k) and c.dtype == np.int32 for c in choices)
+        for row in range(4):
+            for slot in range(k):
+                assert {int(c[row, slot]) for c in choices} == set(range(10)), (mode, row, slot)
+    host = cp.forced_choices(spec, "single", host=True)
+    assert sorted({int(i) for c in host for i in c["idx"]}) == list(range(10))
+    assert all(c["idx"].shape == (4,) and c["noise"].shape == (4, 10) for c in host)
+    (mask,) = cp.forced_choices(spec, "threshold", host=False)
+    assert np.asarray(mask).all() and mask.shape == (4, 10)
+
+
+def test_conditional_placement_reads_the_optimised_hlo():
+    hlo = """HloModule m
+
+%branch_a (p: (f32[4])) -> f32[4] {
+  %p = (f32[4]) parameter(0)
+  %g = f32[4] get-tuple-element(%p), index=0
+  ROOT %c = (f32[4], u8[0]) custom-call(%g), custom_call_target="__cudnn$convForward"
+}
+
+%branch_b (p: (f32[4])) -> f32[4] {
+  %p = (f32[4]) parameter(0)
+  ROOT %f = f32[4] fusion(%p), kind=kLoop, calls=%fused
+}
+
+%command_buffer (i: s32[], t: (f32[4])) -> f32[4] {
+  %i = s32[] parameter(0)
+  %t = (f32[4]) parameter(1)
+  ROOT %k = f32[4] conditional(%i, %t, %t), branch_computations={%branch_b, %branch_b}
+}
+
+ENTRY %main.7 (i: s32[], t: (f32[4])) -> f32[4] {
+  %i = s32[] parameter(0)
+  %t = (f32[4]) parameter(1)
+  %x = f32[4] conditional(%i, %t, %t), branch_computations={%branch_a, %branch_b}
+  ROOT %y = f32[4] call(%i, %t), to_apply=%command_buffer
+}
+"""
+    got = probe_conditionals.conditional_placement(hlo)
+    assert got == {"conditionals": 2, "in_command_buffers": 1, "command_buffers": 1,
+                   "branch_instruction_kinds": {"custom-call:__cudnn$convForward": 1}}
 
 
 def test_ablation_genotypes_keep_the_layout(tmp_path):
