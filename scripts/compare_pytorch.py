@@ -23,7 +23,9 @@ gets ``GO``: only one process touches the GPU while timing, and its ``peak_bytes
 memory alone, not the scratch memory XLA's autotuner takes while compiling (a loaded program is not
 autotuned again).
 
-Timing: median over 5 chunks of ``--steps`` steps, each chunk closed by a device sync, after warm-up.
+Timing: median over 5 chunks of ``--steps`` steps, each chunk closed by a device sync, after warm-up. A JAX
+child's warm-up first runs every op of every row in weight and then arch steps (``run_every_op``): a branch's
+first run is far slower than the next ones, and random choices leave some branches unrun for many steps.
 GPU busy: the union of kernel intervals over the span from the first kernel to the last, from a
 profiler trace of 20 steps (JAX: perfetto trace; PyTorch: torch.profiler).
 Writes ``--out`` (JSON; with ``--merge`` a new record replaces the old one of the same configuration),
