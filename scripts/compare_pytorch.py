@@ -180,6 +180,14 @@ def run_every_op(spec, S, mode: str, host: bool, state, x, y, perm):
     return state
 
 
+def weight_step_cost(S, state, x, y, perm) -> dict:
+    """XLA's cost analysis of one compiled weight step: ``{"flops", "bytes"}`` (bytes accessed; a conditional counts
+    as its most expensive branch)."""
+    cost = S.weight_step.lower(state, x, y, perm, 0, S.sample(state)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
 def jax_worker(args) -> dict:
     """Compile (into ``--cache-dir`` when given); with ``--compile-only`` return ``compile_s`` and the XLA FLOP
     count; else print READY, wait for GO on stdin, then time, and return the record."""
@@ -210,16 +218,15 @@ def jax_worker(args) -> dict:
     t0 = time.perf_counter()
     box["state"] = run_every_op(spec, S, mode, host, box["state"], x, y, perm)
     compile_s = time.perf_counter() - t0
-    flops = None
+    cost = {}
     if args.compile_only and not host:
         try:
-            cost = S.weight_step.lower(box["state"], x, y, perm, 0, S.sample(box["state"])).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            flops = float(cost.get("flops", 0.0))
+            cost = weight_step_cost(S, box["state"], x, y, perm)
         except Exception:  # cost analysis is best effort
-            flops = None
+            cost = {}
     if args.compile_only:
-        return {"compile_s": compile_s, "xla_flops_per_step": flops}
+        return {"compile_s": compile_s, "xla_flops_per_step": cost.get("flops"),
+                "xla_bytes_per_step": cost.get("bytes")}
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         sys.exit("no GO from the parent")
