@@ -2,8 +2,11 @@
 
 XLA runs a ``lax.switch`` on the GPU by copying the branch index to the host and waiting for the
 stream, so a supernet with one conditional per mixed op (forward and backward) stalls the pipeline
-many times per step (measured: 30-90 ms per step for the `original` net on an H100, against 3 ms
-for the same net with its ops fixed; see docs/benchmarks.md).
+many times per step (a first probe measured 30-90 ms per step for the `original` net on an H100; see
+docs/benchmarks.md). Since ``mixed_op.switched`` the one-program switch path is faster per step
+(2.8-3.2 ms against this engine's 4.7-7.7 ms, same net and card), but it recompiles the whole step after
+every growth, while the programs here are cached per block shape and op and survive a growth; this
+engine stays the default.
 
 Here the host draws each step's op choices itself (Gumbel noise from ``numpy`` seeded by
 ``(seed, step)``; alpha is fetched once per weight phase, and after every arch step) and dispatches
