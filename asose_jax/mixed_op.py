@@ -167,7 +167,8 @@ def switched(ops: tuple[str, ...], stride: int, train: bool):
     ``lax.switch`` differentiated by JAX makes every branch return the union of all branches' residuals
     (zero-filled where the branch is not taken), the new statistics of every op and, backward, the gradient of
     every op's weights (zeros for the others): XLA copies or fills each of these buffers at every conditional
-    (measured on an H100: tens of copy kernels per conditional; docs/benchmarks.md section 2). Here the
+    (100-320 copies per conditional in the CPU-compiled `original` step; copy kernels were 21 % of a search step's
+    kernel time on an H100; docs/benchmarks.md sections 2 and 4). Here the
     forward branches return only ``y`` and the chosen op's statistics packed into one vector, and a custom VJP
     recomputes the chosen op inside a second switch, which returns ``dx`` and the op's weight gradient packed
     into one vector; the per-op values are unpacked outside the conditionals. Same values and gradients as

@@ -41,6 +41,7 @@ import gzip
 import json
 import os
 import queue
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,9 +124,9 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
     return spec, jnp.asarray(xs), jnp.asarray(ys), perm, state, steps_lib.make_steps(spec, cfg, N_BATCHES)
 
 
-def trace_events(run) -> tuple[list[dict], set]:
+def trace_events(run, keep: str | None = None) -> tuple[list[dict], set]:
     """``run()`` under the JAX profiler: its Chrome-trace events and the process ids of the GPU streams (empty
-    without a GPU)."""
+    without a GPU). ``keep``: a folder to copy the trace file (perfetto/Chrome JSON) into."""
     import jax
     with tempfile.TemporaryDirectory() as tdir:
         jax.profiler.start_trace(tdir, create_perfetto_trace=True)
@@ -134,6 +135,9 @@ def trace_events(run) -> tuple[list[dict], set]:
         files = glob.glob(f"{tdir}/**/*.json.gz", recursive=True)
         if not files:
             return [], set()
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(files[0], Path(keep) / Path(files[0]).name)
         with gzip.open(files[0]) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -142,11 +146,15 @@ def trace_events(run) -> tuple[list[dict], set]:
     return events, gpu_pids
 
 
-def traced_gpu_busy(run) -> float:
-    """GPU busy fraction (``union_busy`` of the GPU kernel intervals) of ``run()``; NaN without a GPU."""
-    events, gpu_pids = trace_events(run)
+def kernel_busy(events: list[dict], gpu_pids: set) -> float:
+    """GPU busy fraction: ``union_busy`` of the kernel intervals on ``gpu_pids``; NaN when there are none."""
     return union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
                        if e.get("ph") == "X" and e.get("pid") in gpu_pids])
+
+
+def traced_gpu_busy(run) -> float:
+    """GPU busy fraction of ``run()`` under the profiler; NaN without a GPU."""
+    return kernel_busy(*trace_events(run))
 
 
 def forced_choices(spec, mode: str, host: bool, k: int = 3) -> list:

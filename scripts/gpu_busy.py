@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import gzip
 import json
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from compare_pytorch import idle_gaps, union_busy
+from compare_pytorch import idle_gaps, kernel_busy, trace_events
 
 
 def _kind(name: str) -> str:
@@ -115,28 +112,19 @@ def main() -> None:
         t0 = time.perf_counter()
         run.run_epoch(Task("epoch", 1, "weight", 0, 0))
         warm_s = time.perf_counter() - t0
-        trace_dir = Path(tdir) / "trace"
-        jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
-        t0 = time.perf_counter()
-        run.run_epoch(Task("epoch", 1, "weight", 1, 1))
-        epoch_s = time.perf_counter() - t0
-        jax.profiler.stop_trace()
-        trace_file = glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True)[0]
-        with gzip.open(trace_file) as f:
-            trace = json.load(f)
-        if args.keep_trace:
-            Path(args.keep_trace).mkdir(parents=True, exist_ok=True)
-            shutil.copy(trace_file, Path(args.keep_trace) / Path(trace_file).name)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-           and "GPU" in str(e.get("args", {}).get("name", ""))}
+        timed = {}
+
+        def traced_epoch() -> None:
+            t = time.perf_counter()
+            run.run_epoch(Task("epoch", 1, "weight", 1, 1))
+            timed["epoch_s"] = time.perf_counter() - t
+        events, gpu = trace_events(traced_epoch, keep=args.keep_trace)
     row = run.metrics[-1]
-    print(json.dumps({"preset": args.preset, "device": jax.devices()[0].device_kind, "epoch_s": epoch_s,
+    print(json.dumps({"preset": args.preset, "device": jax.devices()[0].device_kind, "epoch_s": timed["epoch_s"],
                       "steps": run.n_weight_steps, "batch": cfg.data.batch_size,
                       "conditionals_per_step": conditionals_per_step(run),
                       "first_epoch_s_with_compile": warm_s, "img_per_s": row["img_per_s"],
-                      "gpu_busy": union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                                              if e.get("ph") == "X" and e.get("pid") in gpu]) if gpu else None,
+                      "gpu_busy": kernel_busy(events, gpu) if gpu else None,
                       "mode": cfg.mixed_op.mode, "dispatch": cfg.mixed_op.dispatch, "precision": cfg.precision,
                       "breakdown": trace_breakdown(events, gpu)}))
 

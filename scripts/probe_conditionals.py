@@ -50,8 +50,8 @@ _OPCODE = re.compile(r"(?:^|\s)([a-z][a-z0-9\-]*)\(")
 _BRANCHES = re.compile(r"(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+)|"
                        r"false_computation=%?([\w.\-]+))")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_COMMAND_KINDS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "fusion", "copy", "custom-call",
-                  "conditional", "while", "call"}
+_COMMAND_KINDS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "fusion", "copy", "conditional",
+                  "while", "call"}
 
 
 def hlo_computations(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -76,7 +76,8 @@ def hlo_computations(text: str) -> dict[str, list[tuple[str, str]]]:
 
 def conditional_placement(text: str) -> dict:
     """How many conditionals the program holds, how many sit inside command-buffer computations, and, for the
-    others, the instruction kinds in their branches that no command type covers (what keeps them out)."""
+    others, how often each instruction kind in their branches other than fusions, copies and plumbing occurs
+    (custom calls named by target: cuDNN convolutions, for one)."""
     comps = hlo_computations(text)
     total = inside = 0
     blockers: dict[str, int] = {}
@@ -93,10 +94,11 @@ def conditional_placement(text: str) -> dict:
                 names += [n for n in m.groups()[1:] if n]
                 for branch in names:
                     for bop, brest in comps.get(branch, []):
-                        kind = bop if bop != "custom-call" else f"custom-call:{_TARGET.search(brest).group(1)}" \
-                            if _TARGET.search(brest) else bop
-                        if bop not in _COMMAND_KINDS or bop == "custom-call":
-                            blockers[kind] = blockers.get(kind, 0) + 1
+                        if bop in _COMMAND_KINDS:
+                            continue
+                        target = _TARGET.search(brest) if bop == "custom-call" else None
+                        kind = f"{bop}:{target.group(1)}" if target else bop
+                        blockers[kind] = blockers.get(kind, 0) + 1
     return {"conditionals": total, "in_command_buffers": inside,
             "command_buffers": sum("command_buffer" in n for n in comps), "branch_instruction_kinds": blockers}
 
