@@ -37,10 +37,11 @@ class CheckpointError(RuntimeError):
 def resume_hash(cfg: Config) -> str:
     """Hash of the config fields that determine a run's results: what must match to resume a workdir.
 
-    Ignored: ``resume.*``, ``checkpoint.*`` (how often and how many to keep) and ``data.dir`` (where the
-    same data lives); changing those never changes the results, so re-running with them is a resume.
+    Ignored: ``resume.*``, ``checkpoint.*`` (how often and how many to keep), ``data.dir`` (where the
+    same data lives) and ``data.verify`` (whether its md5 is checked); changing those never changes the
+    results, so re-running with them is a resume.
     """
-    neutral = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=""),
+    neutral = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir="", verify=True),
                                   checkpoint=type(cfg.checkpoint)())
     return config_hash(neutral, ignore=("resume",))
 

@@ -90,6 +90,7 @@ class OptimConfig:
 class DataConfig:
     source: str = "auto"  # auto | dir | tfds | download | synthetic
     dir: str = ""  # cifar-10-batches-py directory (or its parent); also ASOSE_DATA_DIR
+    verify: bool = True  # md5-check a cifar-10-batches-py directory (once: a stamp skips later checks)
     arch_val_size: int = 10000  # held out of the 50k train images for the arch step and decisions
     train_subset: int = 0  # 0 = all remaining images; else the first N of the weights split
     test_subset: int = 0  # 0 = all 10k

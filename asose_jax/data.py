@@ -17,8 +17,10 @@ ASO-SE constants :data:`CIFAR_MEAN` / :data:`CIFAR_STD` (0..255 scale).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -44,6 +46,18 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_DIRNAME = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
+# md5 of each file that load_cifar10_dir reads: as released in the official tarball (the table torchvision
+# checks), and as written by the lossless CIFAR-10 pack's restore.py (the same pixels and labels; its
+# ``filenames`` entries differ from the release's, so its bytes do too).
+CIFAR10_FILE_MD5 = {
+    "data_batch_1": ("c99cafc152244af753f735de768cd75f", "b3fa850a8ddb2005316c7e0811eca54b"),
+    "data_batch_2": ("d4bba439e000b95fd0a9bffe97cbabec", "ab2fa8a55b5247bca0e629086dd97497"),
+    "data_batch_3": ("54ebc095f3ab1f0389bbae665268c751", "80112731f2b431a29b99abb5690988e8"),
+    "data_batch_4": ("634d18415352ddfa80567beed471001a", "7a89699075ed5a59e1d4e9073d716c40"),
+    "data_batch_5": ("482c414d41f54cd18b22e5b47cb7c3cb", "36f21238ba5787f09d2bb0b682b41b0c"),
+    "test_batch": ("40351d587109b95175f43aff81a1287e", "0cf7a2347d144b3aeb70dd087c537b52"),
+}
+VERIFIED_STAMP = ".asose_jax-verified.json"
 DOWNLOAD_TIMEOUT_S = 10.0
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -108,7 +122,7 @@ def _load_real(cfg: DataConfig) -> tuple[Split, Split, str]:
     if cfg.source in ("auto", "dir"):
         path = cfg.dir or env_dir
         if path:
-            train, test = load_cifar10_dir(path)
+            train, test = load_cifar10_dir(path, cfg.verify)
             return train, test, f"dir:{Path(path).expanduser().resolve()}"
         if cfg.source == "dir":
             raise DataError("data.source=dir needs a directory: pass --data-dir or set ASOSE_DATA_DIR")
@@ -123,10 +137,10 @@ def _load_real(cfg: DataConfig) -> tuple[Split, Split, str]:
             logger.debug("tfds not used: %s", e)
         cached = cache_dir() / CIFAR10_DIRNAME
         if cached.is_dir():
-            train, test = load_cifar10_dir(cached)
+            train, test = load_cifar10_dir(cached, cfg.verify)
             return train, test, f"dir:{cached}"
     path = download_cifar10()
-    train, test = load_cifar10_dir(path)
+    train, test = load_cifar10_dir(path, cfg.verify)
     return train, test, f"download:{path}"
 
 
@@ -218,8 +232,12 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- batches dir
 
-def load_cifar10_dir(path: str | os.PathLike) -> tuple[Split, Split]:
-    """(train 50k, test 10k) from a ``cifar-10-batches-py`` directory or a parent that contains it."""
+def load_cifar10_dir(path: str | os.PathLike, verify: bool = True) -> tuple[Split, Split]:
+    """(train 50k, test 10k) from a ``cifar-10-batches-py`` directory or a parent that contains it.
+
+    ``verify``: check the files' md5 with :func:`verify_cifar10_dir` (after reading them, so a missing or
+    unreadable file is reported as such).
+    """
     root = Path(path).expanduser()
     if (root / CIFAR10_DIRNAME).is_dir():
         root = root / CIFAR10_DIRNAME
@@ -228,8 +246,87 @@ def load_cifar10_dir(path: str | os.PathLike) -> tuple[Split, Split]:
     train_parts = [_read_batch(root / name) for name in CIFAR10_TRAIN_FILES]
     train = Split(np.concatenate([s.images for s in train_parts]), np.concatenate([s.labels for s in train_parts]))
     test = _read_batch(root / CIFAR10_TEST_FILE)
+    if verify:
+        verify_cifar10_dir(root)
     logger.info("loaded CIFAR-10 from %s: %d train, %d test", root, len(train), len(test))
     return train, test
+
+
+def verify_cifar10_dir(root: Path) -> None:
+    """Check the md5 of each batch file in ``root`` against :data:`CIFAR10_FILE_MD5`, once per directory.
+
+    A changed byte can leave a batch loadable, so only the bytes tell. After a check passes, a stamp records
+    each file's size, mtime and md5, next to the data or, when that directory is read-only, under
+    :func:`cache_dir`; a later call whose files still have the recorded size and mtime skips the hashing.
+    Raises :class:`DataError` naming the first file whose md5 is not a known one.
+    """
+    signatures = {name: _file_signature(root / name) for name in CIFAR10_FILE_MD5}
+    stamps = _stamp_paths(root)
+    if any(_stamp_matches(p, signatures) for p in stamps):
+        return
+    for name, known in CIFAR10_FILE_MD5.items():
+        got = _md5_file(root / name)
+        if got not in known:
+            raise DataError(f"CIFAR-10 file {root / name} has changed (md5 {got} is neither the release's nor "
+                            "the lossless pack's): restore it, or pass --set data.verify=false to use it as it is")
+        signatures[name]["md5"] = got
+    logger.info("verified the md5 of the CIFAR-10 files in %s", root)
+    _write_stamp(stamps, signatures)
+
+
+def _file_signature(file: Path) -> dict:
+    st = file.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _md5_file(file: Path) -> str:
+    digest = hashlib.md5()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp_paths(root: Path) -> tuple[Path, Path]:
+    """Where the verification stamp of ``root`` goes: next to the data, else in the cache (keyed by path)."""
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return root / VERIFIED_STAMP, cache_dir() / "verified" / f"{key}.json"
+
+
+def _stamp_matches(stamp: Path, signatures: dict) -> bool:
+    """True when ``stamp`` records these sizes and mtimes, each with an md5 that is still a known one.
+
+    A file as new as the stamp itself is not trusted: it may have changed within one tick of the file
+    system's clock after it was hashed, leaving its mtime as recorded.
+    """
+    try:
+        stamp_mtime = stamp.stat().st_mtime_ns
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict) or recorded.keys() != signatures.keys():
+        return False
+    return all(isinstance(rec, dict) and rec.get("md5") in CIFAR10_FILE_MD5[name]
+               and {k: rec.get(k) for k in ("size", "mtime_ns")} == signatures[name]
+               and signatures[name]["mtime_ns"] < stamp_mtime
+               for name, rec in recorded.items())
+
+
+def _write_stamp(stamps: tuple[Path, ...], signatures: dict) -> None:
+    """Write the stamp at the first of ``stamps`` that can be written (atomically); none is only logged."""
+    text = json.dumps(signatures, indent=1, sort_keys=True) + "\n"
+    for stamp in stamps:
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, stamp)
+            return
+        except OSError as e:
+            logger.debug("verification stamp not written at %s: %s", stamp, _one_line(e))
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    logger.info("no verification stamp could be written, so the next run checks the md5s again")
 
 
 def _read_batch(file: Path) -> Split:
