@@ -6,9 +6,8 @@
 
 One command. By default: PyTorch `allops` and `single` at every batch, its profiled and compiled variants at
 batch 128; JAX `single` and `dense` in fp32 and bf16 at every batch, and at batch 128 `topk` and `threshold`,
-every mode with remat, and the in-program `lax.switch` single path (``DEFAULT_JAX_CONFIGS``). By the measured
-compile and step times that takes about 40 minutes on an H100, mostly JAX compilation; ``--resume``
-continues an interrupted run. The PyTorch configurations of every batch size run first, in this process; then each
+every mode with remat, and the in-program `lax.switch` single path (``DEFAULT_JAX_CONFIGS``). That is longer than
+one 10-minute device call, mostly JAX compilation; ``--resume`` continues an interrupted run. The PyTorch configurations of every batch size run first, in this process; then each
 JAX configuration (of every batch size) runs in a child process (``--worker``) with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its ``peak_bytes_in_use`` belongs to that configuration
 alone. Both sides train the `original` network (C0=32, L=4) on the same uint8 batches (synthetic by
@@ -36,13 +35,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import glob
-import gzip
 import json
 import os
 import queue
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,157 +45,31 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+from benchlib import (
+    N_BATCHES,
+    batches_u8,
+    jax_key,
+    jax_record_head,
+    jax_setup,
+    median_ms,
+    record_key,
+    run_every_op,
+    torch_key,
+    torch_record_head,
+    traced_gpu_busy,
+    union_busy,
+    weight_step_cost,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-N_BATCHES = 8
-
-
-def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
-    """Lengths of the stretches between the first start and the last end that no interval covers."""
-    gaps, end = [], None
-    for s, e in sorted(intervals):
-        if end is not None and s > end:
-            gaps.append(s - end)
-        end = e if end is None else max(end, e)
-    return gaps
-
-
-def union_busy(intervals: list[tuple[float, float]]) -> float:
-    """Fraction of [first start, last end] covered by at least one interval."""
-    if not intervals:
-        return float("nan")
-    span = max(e for _, e in intervals) - min(s for s, _ in intervals)
-    return 1.0 - sum(idle_gaps(intervals)) / span if span > 0 else float("nan")
-
-
-def batches_u8(batch: int, data_dir: str | None):
-    """N_BATCHES batches of uint8 NHWC images and int labels (identical for both frameworks)."""
-    n = batch * N_BATCHES
-    if data_dir:
-        sys.path.insert(0, str(ROOT))
-        from asose_jax.data import load_cifar10_dir
-        train, _ = load_cifar10_dir(data_dir)
-        return train.images[:n], train.labels[:n].astype(np.int32)
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, (n,), dtype=np.int32)
-
-
-def median_ms(run_chunk, steps: int, chunks: int = 5) -> float:
-    times = []
-    for _ in range(chunks):
-        t = time.perf_counter()
-        run_chunk(steps)
-        times.append(1000 * (time.perf_counter() - t) / steps)
-    return statistics.median(times)
 
 
 # ================================================================================================ JAX worker
-
-def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispatch: str = "host",
-              data_dir: str | None = None, ops: tuple[str, ...] | None = None):
-    """The `original` network (C0=32, L=4) in one mixed-op mode: ``(spec, x, y, perm, state, steps)``, with
-    N_BATCHES uint8 batches on the device and ``perm`` ``[N_BATCHES, batch]`` indexing them in order.
-    ``ops``: the candidate ops (default: the original's ten)."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-    sys.path.insert(0, str(ROOT))
-    from asose_jax import model
-    from asose_jax import steps as steps_lib
-    from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
-
-    model_cfg = ModelConfig(skeleton="original", init_channels=32, num_layers=4)
-    if ops is not None:
-        model_cfg = dataclasses.replace(model_cfg, ops=tuple(ops))
-    cfg = dataclasses.replace(Config(), precision=precision, remat=remat, model=model_cfg,
-                              mixed_op=MixedOpConfig(mode=mode, k=3, weight_threshold=0.01, dispatch=dispatch),
-                              data=DataConfig(batch_size=batch))
-    spec = model.build_spec("original", 32, 4, cfg.model.ops)
-    xs, ys = batches_u8(batch, data_dir)
-    perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
-    state = jax.jit(steps_lib.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
-    return spec, jnp.asarray(xs), jnp.asarray(ys), perm, state, steps_lib.make_steps(spec, cfg, N_BATCHES)
-
-
-def trace_events(run, keep: str | None = None) -> tuple[list[dict], set]:
-    """``run()`` under the JAX profiler: its Chrome-trace events and the process ids of the GPU streams (empty
-    without a GPU). ``keep``: a folder to copy the trace file (perfetto/Chrome JSON) into."""
-    import jax
-    with tempfile.TemporaryDirectory() as tdir:
-        jax.profiler.start_trace(tdir, create_perfetto_trace=True)
-        run()
-        jax.profiler.stop_trace()
-        files = glob.glob(f"{tdir}/**/*.json.gz", recursive=True)
-        if not files:
-            return [], set()
-        if keep:
-            Path(keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy(files[0], Path(keep) / Path(files[0]).name)
-        with gzip.open(files[0]) as f:
-            trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "GPU" in str(e.get("args", {}).get("name", ""))}
-    return events, gpu_pids
-
-
-def kernel_busy(events: list[dict], gpu_pids: set) -> float:
-    """GPU busy fraction: ``union_busy`` of the kernel intervals on ``gpu_pids``; NaN when there are none."""
-    return union_busy([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                       if e.get("ph") == "X" and e.get("pid") in gpu_pids])
-
-
-def traced_gpu_busy(run) -> float:
-    """GPU busy fraction of ``run()`` under the profiler; NaN without a GPU."""
-    return kernel_busy(*trace_events(run))
-
-
-def forced_choices(spec, mode: str, host: bool, k: int = 3) -> list:
-    """Op choices that, one step each, run every op of every row: ``[rows, 1]`` op ``j`` everywhere
-    (``single``/``argmax``; the host engine's ``{"idx", "noise"}``), ``[rows, k]`` (``topk``), every op
-    at once (``threshold``'s keep-mask), or one dummy choice (``dense``). ``topk``: ``k`` consecutive ops from each
-    op on, so every op runs in each of a row's ``k`` switches."""
-    import jax.numpy as jnp
-    n, rows = len(spec.ops), spec.num_rows
-    if host:
-        return [{"idx": np.full((rows,), j, np.int32), "noise": np.zeros((rows, n), np.float32)} for j in range(n)]
-    if mode in ("single", "argmax"):
-        return [jnp.full((rows, 1), j, jnp.int32) for j in range(n)]
-    if mode == "topk":  # every op in each of the k switches of a row
-        return [jnp.tile((j + jnp.arange(k, dtype=jnp.int32)) % n, (rows, 1)) for j in range(n)]
-    if mode == "threshold":
-        return [jnp.ones((rows, n), bool)]
-    return [jnp.zeros((rows, 1), jnp.int32)]
-
-
-def run_every_op(spec, S, mode: str, host: bool, state, x, y, perm):
-    """Weight steps, then arch steps, on ``forced_choices``: compiles every program and runs every branch of every
-    conditional once, before timing. The first run of a branch costs far more than the next ones in bf16: the
-    ``lax.switch`` path's bf16 arch steps measured 31-147 ms each when timed while branches still ran for the
-    first time, 2.1-2.3 ms after this warm-up (H100, docs/benchmarks.md section 2). Returns the state."""
-    import jax
-    for fn in (S.weight_step, S.arch_step):
-        for choice in forced_choices(spec, mode, host):
-            state = fn(state, x, y, perm, 0, choice)
-        jax.block_until_ready(state)
-    return state
-
-
-def weight_step_cost(S, state, x, y, perm) -> dict:
-    """XLA's cost analysis of one compiled weight step: ``{"flops", "bytes"}`` (bytes accessed; a conditional counts
-    as its most expensive branch)."""
-    cost = S.weight_step.lower(state, x, y, perm, 0, S.sample(state)).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
-
 
 def jax_worker(args) -> dict:
     """Compile (into ``--cache-dir`` when given); with ``--compile-only`` return ``compile_s`` and the XLA FLOP
     count; else print READY, wait for GO on stdin, then time, and return the record."""
     import jax
-    sys.path.insert(0, str(ROOT))
     if args.cache_dir:
         from asose_jax.search import enable_compilation_cache
         os.environ.update(ASOSE_JAX_CACHE=args.cache_dir, ASOSE_JAX_CACHE_MIN_COMPILE_S="0")
@@ -411,7 +280,6 @@ def run_jax_wave(jobs: list[tuple[int, str]], args, add) -> None:
 
 def torch_records(batch: int, steps: int, data_dir: str | None, modes: list[str]) -> list[dict]:
     import torch
-    sys.path.insert(0, str(ROOT))
     from asose_jax.baseline import torch_asose as ta
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -506,37 +374,6 @@ def roofline() -> dict:
 
 
 # ================================================================================================ report
-
-def record_key(rec: dict) -> tuple:
-    """What makes two records the same measurement (``--merge`` keeps only the newer)."""
-    return (rec["framework"], rec["mode"], rec["precision"], rec["batch"], rec["remat"], rec.get("dispatch"),
-            rec.get("profile_syncs", False))
-
-
-def torch_record_head(name: str, batch: int) -> dict:
-    """The identifying fields of the record of PyTorch mode ``name`` (of ``--torch-modes``) at ``batch``."""
-    compiled = name.endswith("_compiled")
-    rec = {"framework": "torch", "mode": name if compiled else name.replace("_profiled", ""),
-           "precision": "bf16" if compiled else "fp32", "batch": batch, "remat": False}
-    if name.endswith("_profiled"):
-        rec["profile_syncs"] = True
-    return rec
-
-
-def jax_record_head(batch: int, spec: str) -> dict:
-    """The identifying fields of the record of JAX configuration ``mode:precision[:remat][:switch]``."""
-    parts = spec.split(":")
-    return {"framework": "jax", "mode": parts[0], "precision": parts[1], "batch": batch, "remat": "remat" in parts,
-            "dispatch": ("switch" if "switch" in parts else "host") if parts[0] == "single" else None}
-
-
-def torch_key(name: str, batch: int) -> tuple:
-    return record_key(torch_record_head(name, batch))
-
-
-def jax_key(batch: int, spec: str) -> tuple:
-    return record_key(jax_record_head(batch, spec))
-
 
 def _order(r: dict) -> tuple:
     return (r["batch"], r["framework"] != "torch", r["mode"], r["precision"], bool(r.get("remat")),

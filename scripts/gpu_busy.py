@@ -14,65 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
-import sys
 import tempfile
 import time
-from collections import defaultdict
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from compare_pytorch import idle_gaps, kernel_busy, trace_events
-
-
-def _kind(name: str) -> str:
-    """A kernel or event name without its numeric instance suffixes (``loop_add_fusion_12`` -> ``loop_add_fusion``)."""
-    return re.sub(r"([._]\d+)+$", "", name)
-
-
-def _top(totals: dict[str, float], n: int) -> dict[str, float]:
-    return {k: round(v / 1e3, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:n]}
-
-
-def trace_breakdown(events: list[dict], gpu_pids: set, top: int = 8) -> dict:
-    """Where a traced window's time went, from Chrome-trace events (``ts``/``dur`` in us; results in ms).
-
-    ``kernel_ms``: total duration per kernel kind on the GPU (the ``top`` largest) and ``kernel_total_ms``;
-    ``host_ms``: total duration per event name on every other process (inclusive: nested events count in
-    their parents too); ``gaps``: the idle intervals between merged GPU kernel intervals (count, total ms,
-    median/p90/max in us, and how many / how much are longer than 100 us); ``conditionals``: the host events of
-    XLA's conditional thunks (``cond.N`` / ``conditional.N``, where the host waits for a branch index), count
-    and total ms.
-    """
-    kernels, host = defaultdict(float), defaultdict(float)
-    conds = []
-    intervals = []
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        dur = float(e.get("dur", 0))
-        if e.get("pid") in gpu_pids:
-            kernels[_kind(str(e.get("name", "")))] += dur
-            intervals.append((float(e["ts"]), float(e["ts"]) + dur))
-        else:
-            host[str(e.get("name", ""))] += dur
-            if _kind(str(e.get("name", ""))) in ("cond", "conditional"):
-                conds.append(dur)
-    gaps = sorted(idle_gaps(intervals))
-    long = [g for g in gaps if g > 100]
-
-    def pick(q: float) -> float | None:
-        return round(gaps[min(int(q * len(gaps)), len(gaps) - 1)], 1) if gaps else None
-
-    return {"kernel_total_ms": round(sum(kernels.values()) / 1e3, 3), "kernel_ms": _top(kernels, top),
-            "host_ms": _top(host, top),
-            "gaps": {"count": len(gaps), "total_ms": round(sum(gaps) / 1e3, 3), "p50_us": pick(0.5),
-                     "p90_us": pick(0.9), "max_us": round(gaps[-1], 1) if gaps else None,
-                     "over_100us": len(long), "over_100us_ms": round(sum(long) / 1e3, 3)},
-            "conditionals": {"count": len(conds), "total_ms": round(sum(conds) / 1e3, 3)}}
+from benchlib import kernel_busy, trace_breakdown, trace_events
 
 
 def conditionals_per_step(run) -> int | None:

@@ -21,22 +21,17 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from compare_pytorch import (
+from benchlib import (
     N_BATCHES,
     jax_setup,
     median_ms,
     run_every_op,
+    trace_breakdown,
     trace_events,
     traced_gpu_busy,
 )
-from gpu_busy import trace_breakdown
 
 FLAG_SETS = {
     "default": "",

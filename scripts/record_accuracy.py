@@ -5,7 +5,7 @@ and redraw the accuracy-vs-wall-clock chart from every record there.
         [--final-dir DIR] [--process-wall-s S] [--note TEXT] [--out docs/results/accuracy_h100.json] [--png ...]
 
 ``--run`` is a search workdir (``result.json``, ``metrics.jsonl``, ``genotype.json``); for a final training
-alone (the ablation: ``python -m asose_jax.train``) pass its workdir as ``--final-dir`` and leave ``--run``
+alone (the ablation: ``python -m asose_jax.final``) pass its workdir as ``--final-dir`` and leave ``--run``
 out. ``--process-wall-s`` is the wall time of the command(s) as measured outside Python (all resumed
 segments summed, interpreter start and data loading included); it is stored next to the run's own clock.
 Record fields: ``config, kind, seed, search_wall_s, final_wall_s, total_wall_s, process_wall_s, test_acc,
@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from asose_jax.config import tta_label
 

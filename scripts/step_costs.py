@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from benchlib import jax_key, jax_record_head, jax_setup, record_key, weight_step_cost
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 DEFAULT_CONFIGS = "dense:bf16@128,dense:bf16@512,dense:fp32@512,single:bf16:switch@128,single:fp32:switch@128"
 
@@ -31,13 +30,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("XLA_FLAGS", "--xla_gpu_autotune_level=0")
     import jax
-    from compare_pytorch import (
-        jax_key,
-        jax_record_head,
-        jax_setup,
-        record_key,
-        weight_step_cost,
-    )
 
     results = json.loads(Path(args.results).read_text())
     ceil = results.get("roofline", {})

@@ -1,7 +1,7 @@
 """The bookkeeping of the benchmark scripts: which configurations `compare_pytorch.py --resume` still has to
-run and which op choices its warm-up forces, how `ablation_genotypes.py` keeps a searched genotype's layout, how
-`gpu_busy.py` splits a trace, how `probe_conditionals.py` reads an optimised HLO, and which `record_accuracy.py`
-records meet issue [E]'s bar."""
+run and which op choices the warm-up of `benchlib` forces, how `ablation_genotypes.py` keeps a searched genotype's
+layout, how `benchlib` splits a trace, how `probe_conditionals.py` reads an optimised HLO, how `gpu_busy.py` counts a
+step's conditionals, and which `record_accuracy.py` records meet issue [E]'s bar."""
 import json
 import subprocess
 import sys
@@ -13,6 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import benchlib
 import compare_pytorch as cp
 import gpu_busy
 import probe_conditionals
@@ -38,12 +39,12 @@ def test_resume_skips_measured_configurations_but_not_failed_ones():
     torch_modes = ["allops", "single", "single_profiled@128", "allops_compiled@128"]
     jax_cfgs = ["single:bf16", "dense:bf16:remat@128", "single:fp32:switch@128"]
     measured = [
-        {**cp.torch_record_head("single_profiled", 128), "weight_ms": 1.0},
-        {**cp.torch_record_head("allops", 256), "weight_ms": 1.0},
-        {**cp.torch_record_head("allops_compiled", 128), "error": "RuntimeError: x"},
-        {**cp.jax_record_head(128, "dense:bf16:remat"), "weight_ms": 1.0},
-        {**cp.jax_record_head(256, "single:bf16"), "weight_ms": 1.0},
-        {**cp.jax_record_head(128, "single:fp32:switch"), "error": "killed"},
+        {**benchlib.torch_record_head("single_profiled", 128), "weight_ms": 1.0},
+        {**benchlib.torch_record_head("allops", 256), "weight_ms": 1.0},
+        {**benchlib.torch_record_head("allops_compiled", 128), "error": "RuntimeError: x"},
+        {**benchlib.jax_record_head(128, "dense:bf16:remat"), "weight_ms": 1.0},
+        {**benchlib.jax_record_head(256, "single:bf16"), "weight_ms": 1.0},
+        {**benchlib.jax_record_head(128, "single:fp32:switch"), "error": "killed"},
     ]
     torch_todo, jax_todo = cp.pending([128, 256], torch_modes, jax_cfgs, measured)
     assert torch_todo == [(128, ["allops", "single", "allops_compiled"]), (256, ["single"])]
@@ -57,23 +58,23 @@ def test_record_heads_match_the_worker_records():
     """A JAX worker builds its record from its command-line flags; the key must be the one --resume looks for."""
     rec = {"framework": "jax", "mode": "single", "precision": "fp32", "batch": 128, "remat": False,
            "dispatch": "switch", "weight_ms": 1.0}
-    assert cp.record_key(rec) == cp.jax_key(128, "single:fp32:switch")
-    assert cp.record_key({"framework": "torch", "mode": "single", "precision": "fp32", "batch": 128,
-                          "remat": False, "profile_syncs": True}) == cp.torch_key("single_profiled", 128)
+    assert benchlib.record_key(rec) == benchlib.jax_key(128, "single:fp32:switch")
+    assert benchlib.record_key({"framework": "torch", "mode": "single", "precision": "fp32", "batch": 128,
+                                "remat": False, "profile_syncs": True}) == benchlib.torch_key("single_profiled", 128)
 
 
 def test_warm_up_choices_run_every_op_in_every_switch_of_every_row():
     spec = SimpleNamespace(ops=tuple(f"op{i}" for i in range(10)), num_rows=4)
     for mode, k in (("single", 1), ("argmax", 1), ("topk", 3)):
-        choices = [np.asarray(c) for c in cp.forced_choices(spec, mode, host=False)]
+        choices = [np.asarray(c) for c in benchlib.forced_choices(spec, mode, host=False)]
         assert all(c.shape == (4, k) and c.dtype == np.int32 for c in choices)
         for row in range(4):
             for slot in range(k):
                 assert {int(c[row, slot]) for c in choices} == set(range(10)), (mode, row, slot)
-    host = cp.forced_choices(spec, "single", host=True)
+    host = benchlib.forced_choices(spec, "single", host=True)
     assert sorted({int(i) for c in host for i in c["idx"]}) == list(range(10))
     assert all(c["idx"].shape == (4,) and c["noise"].shape == (4, 10) for c in host)
-    (mask,) = cp.forced_choices(spec, "threshold", host=False)
+    (mask,) = benchlib.forced_choices(spec, "threshold", host=False)
     assert np.asarray(mask).all() and mask.shape == (4, 10)
 
 
@@ -140,14 +141,14 @@ def test_trace_breakdown_splits_kernel_host_and_idle_time():
               {"ph": "X", "pid": host, "name": "conditional", "ts": 160, "dur": 20},
               {"ph": "X", "pid": host, "name": "second_cond.2", "ts": 190, "dur": 5},
               {"ph": "i", "pid": gpu, "name": "marker", "ts": 5}]
-    b = gpu_busy.trace_breakdown(events, {gpu}, top=2)
+    b = benchlib.trace_breakdown(events, {gpu}, top=2)
     assert b["kernel_total_ms"] == 0.41
     assert b["kernel_ms"] == {"loop_add_fusion": 0.2, "cutlass_gemm": 0.2}  # instance suffixes merged; top 2
     assert b["host_ms"] == {"ExecuteOnStream": 0.5, "cond.7": 0.03}
     assert b["gaps"] == {"count": 2, "total_ms": 0.35, "p50_us": 300.0, "p90_us": 300.0, "max_us": 300.0,
                          "over_100us": 1, "over_100us_ms": 0.3}
     assert b["conditionals"] == {"count": 2, "total_ms": 0.05}  # cond.N and conditional, not other names
-    busy = cp.union_busy([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu])
+    busy = benchlib.union_busy([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] == gpu])
     assert abs(busy - (150 + 200 + 10) / 710) < 1e-9
 
 
