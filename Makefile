@@ -1,5 +1,7 @@
 # asose_jax: the two everyday commands are `make search` and `make test`.
-# Each creates .venv (with $(PY) -m venv) when it is missing and installs the package into it.
+# Each creates .venv (with $(PY) -m venv) when it is missing and installs the package into it, but only
+# when pyproject.toml is newer than the last install (a stamp file in .venv): a re-run needs no network.
+# `make install` after `touch pyproject.toml` forces a reinstall.
 
 PY ?= python3
 VENV ?= .venv
@@ -9,6 +11,11 @@ TORCH_VERSION ?= 2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
+# Stamps, touched after a successful install: the package, the package with its test extra, torch.
+INSTALLED := $(VENV)/.installed
+INSTALLED_TEST := $(VENV)/.installed-test
+INSTALLED_TORCH := $(VENV)/.installed-torch-$(TORCH_VERSION)
+
 .PHONY: venv install install-torch test search smoke clean
 
 venv: $(VPY)
@@ -16,26 +23,36 @@ venv: $(VPY)
 $(VPY):
 	$(PY) -m venv $(VENV)
 
-install: venv
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml | $(VPY)
 	$(PIP) install -e .
+	touch $@
+
+# The test extra installs the package too, so it also stamps $(INSTALLED).
+$(INSTALLED_TEST): pyproject.toml | $(VPY)
+	$(PIP) install -e '.[test]'
+	touch $@ $(INSTALLED)
+
+# The torch baseline tests need torch; if it cannot be installed they skip, and the next `make test` tries again.
+$(INSTALLED_TORCH): | $(VPY)
+	$(PIP) install torch==$(TORCH_VERSION) && touch $@ \
+		|| echo "torch==$(TORCH_VERSION) could not be installed: the torch baseline tests will skip"
 
 # On machines with a pinned CPU torch wheel, torch must be installed by version before the extra.
 install-torch: venv
-	$(PIP) install torch==$(TORCH_VERSION) && $(PIP) install -e '.[torch]'
+	$(PIP) install torch==$(TORCH_VERSION) && $(PIP) install -e '.[torch]' && touch $(INSTALLED_TORCH)
 
-# The torch baseline tests need torch; if it cannot be installed they skip.
-test: venv
-	$(PIP) install -e '.[test]'
-	$(PIP) install torch==$(TORCH_VERSION) || echo "torch==$(TORCH_VERSION) could not be installed: the torch baseline tests will skip"
+test: $(INSTALLED_TEST) $(INSTALLED_TORCH)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The default search (configs/default.py); extra flags with ARGS, e.g.
 #   make search ARGS="--workdir runs/try1 --set cycle.max_cycles=2"
-search: install
+search: $(INSTALLED)
 	$(VPY) -m asose_jax.search $(ARGS)
 
 # The <= 2-minute CPU smoke run on synthetic data into runs/smoke.
-smoke: install
+smoke: $(INSTALLED)
 	$(VPY) -m asose_jax.search --preset smoke --workdir runs/smoke $(ARGS)
 
 clean:
