@@ -1,5 +1,10 @@
-"""Default search: ASO-SE (single-path hard Gumbel, bilevel alpha on the held-out split) on the
-`resnet` skeleton, real CIFAR-10, bf16 compute, a few short cycles with function-preserving growth."""
+"""The default search: ASO-SE (hard Gumbel single-path weight steps, alpha trained on the held-out arch-val split) on
+the `resnet` skeleton, bf16 compute, 4 short cycles with function-preserving growth.
+
+    python -m asose_jax.search --workdir runs/default --data-dir DIR     # or: make search
+
+Note: every knob not set here keeps its value from ``asose_jax.config``, the original's where there is one.
+"""
 from dataclasses import replace
 
 from asose_jax.config import Config, CycleConfig, GrowthConfig, ModelConfig

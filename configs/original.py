@@ -1,19 +1,11 @@
-"""The original ASO-SE as its PyTorch code really ran (docs: shared spec §1-§5), minus its bugs:
-`original` skeleton (double stride, no residual; 937,258 weights + 40 alpha), hard Gumbel single-path
-in every training phase, 6/2/4 epochs per cycle, 15 cycles, batch 128, SGD 0.025 with cosine warm
-restarts (50, 2), Adam 3e-4 for alpha, gradient clipping at global norm 5, tau 5.0 x 0.98 per arch epoch,
-growth every 4 cycles or on stagnation with the original strategy and a 1M-weight cap on depth.
+"""The original ASO-SE as its PyTorch code ran, minus its bugs: the `original` skeleton (double stride, no residual),
+hard Gumbel single-path steps in every phase, 15 cycles of 6 weight / 2 arch / 4 retrain epochs, growth by the
+original's accuracy-dependent strategy.
 
-Deliberate differences (the original's bugs): alpha is trained on a held-out arch-val split (10k of
-the 50k), decisions and early stopping use arch-val accuracy (never test), the straight-through weight
-is kept so dL/dalpha != 0, growth preserves the function and carries optimizer state, LR position and tau.
+    python -m asose_jax.search --preset original --data-dir DIR
 
-One deliberate difference for stability: the original's soft clip (above norm 5 the gradient is rescaled
-to norm 5 + 0.1 (g - 5)) does not bound large gradients, and this network has them. A CPU probe (5,120
-images, 4 cycles) logged pre-clip norms of 1-21 on average per epoch but up to 263-799 in single steps,
-which the soft clip lets through at 31-84, 6-17x the intended 5. The first full run on the H100, with the
-soft clip, became NaN in cycle 5 (docs/benchmarks.md section 3). So this preset clips at global norm 5;
-``--set optim.clip_mode=soft`` restores the original's rule.
+Note: every way it departs from the PyTorch original, and why (alpha on a held-out split, the clip at global norm
+5, growth that keeps the function, no ColorJitter, ...), is listed in docs/benchmarks.md, "The original preset".
 """
 from dataclasses import replace
 

@@ -1,5 +1,10 @@
-"""A <= 2-minute CPU smoke run on synthetic data: a tiny `resnet` net, 3 short cycles with growth
-(kinds in turn), every output file written. Used by the tests and `make smoke`."""
+"""A tiny `resnet` network on synthetic data, 3 short cycles with growth (the kinds in turn), every output file
+written: the smoke test of the tests and of ``make smoke``.
+
+    python -m asose_jax.search --preset smoke --workdir runs/smoke
+
+Note: it runs on a CPU in under two minutes; its accuracies mean nothing.
+"""
 from dataclasses import replace
 
 from asose_jax.config import (CheckpointConfig, Config, CycleConfig, DataConfig, FinalConfig, GrowthConfig,
