@@ -1,7 +1,8 @@
-"""Plots (PNG) and ``summary.md`` for a workdir: alpha per layer over time and per cycle, loss and
+"""Plots (PNG) and ``summary.md`` for a workdir: alpha per block and path over time and per cycle, loss and
 accuracy curves with growth events, and a diagram of the derived architecture."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from asose_jax.config import tta_label
@@ -17,56 +19,132 @@ PHASE_COLORS = {"warmup": "tab:gray", "weight": "tab:blue", "arch": "tab:orange"
                 "final": "tab:purple"}
 
 
-def plot_alpha_over_time(alpha_history: list[dict], ops: list[str], path: Path) -> None:
-    """One panel per layer: softmax(alpha) of every op at each snapshot (arch epochs and phase ends)."""
+Row = tuple[int, int]  # an alpha row's identity: (block index in the final net, path index in that block)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowHistory:
+    """Which (block, path) each alpha row was at every size the supernet had, and where grown rows came from."""
+
+    rows_by_count: dict[int, list[Row]]  # number of alpha rows -> the rows in alpha's order
+    born: dict[Row, str]  # a row added by growth -> e.g. "deepen, cycle 3"
+
+    def rows(self, n_rows: int) -> list[Row]:
+        if n_rows not in self.rows_by_count:
+            raise ValueError(f"an alpha snapshot has {n_rows} rows; the growth events give "
+                             f"{sorted(self.rows_by_count)}")
+        return self.rows_by_count[n_rows]
+
+
+def paths_per_block(genotype: dict) -> list[int]:
+    """Paths of each block of the final supernet: a multi-path block's genotype entry lists one op per path."""
+    return [len(op) if isinstance(op, list) else 1 for op in genotype["ops"]]
+
+
+def row_history(final_paths: list[int], growths: list[dict]) -> RowHistory:
+    """Track each alpha row by its block and path across growth.
+
+    alpha has one row per path, block by block. Growth renumbers rows: a deepen at ``position`` inserts a
+    block (one row) there, a branch of block ``position`` appends a path (one row) to it; a widen keeps the
+    rows. Undoing the deepen and branch events (``growths``, the metrics' growth records in order) from the
+    final structure gives every earlier one. Each adds exactly one row, so a snapshot's row count tells
+    which structure it belongs to.
+    """
+    blocks = [[b, n] for b, n in enumerate(final_paths)]  # [final block index, paths at that time]
+    structures, born = [], {}
+    for g in reversed([g for g in growths if g["kind"] in ("deepen", "branch")]):
+        structures.append([(b, p) for b, n in blocks for p in range(n)])
+        if g["kind"] == "deepen":
+            b, _ = blocks.pop(g["position"])
+            born[(b, 0)] = f"deepen, cycle {g['cycle']}"
+        else:
+            blocks[g["position"]][1] -= 1
+            b, n = blocks[g["position"]]
+            born[(b, n)] = f"branch, cycle {g['cycle']}"
+    structures.append([(b, p) for b, n in blocks for p in range(n)])
+    return RowHistory({len(rows): rows for rows in structures}, born)
+
+
+def row_label(row: Row, final_paths: list[int], long: bool = False) -> str:
+    """``block 3`` / ``block 3 path 1`` (``long``), or ``3`` / ``3 p1``: the path only where the block has several."""
+    b, p = row
+    if final_paths[b] == 1:
+        return f"block {b}" if long else f"{b}"
+    return f"block {b} path {p}" if long else f"{b} p{p}"
+
+
+def plot_alpha_over_time(alpha_history: list[dict], ops: list[str], history: RowHistory, final_paths: list[int],
+                         path: Path) -> plt.Figure | None:
+    """One panel per (block, path) of the final net: softmax(alpha) of every op at each snapshot (arch epochs
+    and phase ends). A row added by growth starts at its first snapshot; its line stays with its block.
+    Returns the saved (closed) figure."""
     if not alpha_history:
-        return
-    n_layers = max(len(h["probs"]) for h in alpha_history)
-    cols = min(4, n_layers)
-    rows = -(-n_layers // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharey=True)
-    colors = plt.cm.tab10(np.linspace(0, 1, len(ops)))
-    for layer in range(n_layers):
-        ax = axes[layer // cols][layer % cols]
-        xs = [i for i, h in enumerate(alpha_history) if layer < len(h["probs"])]
+        return None
+    series: dict[Row, tuple[list[int], list[list[float]]]] = {}
+    for i, snap in enumerate(alpha_history):
+        for row, probs in zip(history.rows(len(snap["probs"])), snap["probs"]):
+            xs, ys = series.setdefault(row, ([], []))
+            xs.append(i)
+            ys.append(probs)
+    panels = sorted(series)
+    cols = min(4, len(panels))
+    grid_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(4 * cols, 2.8 * grid_rows), squeeze=False, sharex=True,
+                             sharey=True)
+    colors = plt.cm.tab10(np.arange(len(ops)) % 10)
+    for ax, row in zip(axes.ravel(), panels):
+        xs, ys = series[row]
         for j, op in enumerate(ops):
-            ax.plot(xs, [alpha_history[i]["probs"][layer][j] for i in xs], color=colors[j], label=op, lw=1.3)
-        ax.set_title(f"row {layer}", fontsize=9)
+            ax.plot(xs, [y[j] for y in ys], color=colors[j], label=op, lw=1.3, marker="o", ms=2)
+        title = row_label(row, final_paths, long=True)
+        ax.set_title(f"{title} (new: {history.born[row]})" if row in history.born else title, fontsize=9)
         ax.set_xlabel("snapshot (arch epoch / phase end)", fontsize=8)
-    for k in range(n_layers, rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    axes[0][0].set_ylabel("softmax(alpha)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelbottom=True)  # sharex would keep them only under the bottom panel of each column
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("softmax(alpha)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=min(5, len(ops)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
-def plot_alpha_heatmaps(alpha_history: list[dict], ops: list[str], path: Path) -> None:
-    """softmax(alpha) as a rows x ops heatmap at the end of each cycle's arch phase."""
-    snaps = {}
-    for h in alpha_history:
-        if h["phase"] == "arch":
-            snaps[h["cycle"]] = h["probs"]
+def plot_alpha_heatmaps(alpha_history: list[dict], ops: list[str], history: RowHistory, final_paths: list[int],
+                        path: Path) -> plt.Figure | None:
+    """softmax(alpha) as a rows x ops heatmap at the end of each cycle's arch phase.
+
+    The values sit close to 1 / len(ops), so one colour scale spans the plotted data's own range (min to
+    max over every panel), which the colour bar states. Rows are labelled by block (and path) of the final
+    net, as in the other plots, so a grown row shows as a new label. Returns the saved (closed) figure.
+    """
+    snaps = {h["cycle"]: np.asarray(h["probs"]) for h in alpha_history if h["phase"] == "arch"}
     if not snaps:
-        return
+        return None
     cycles = sorted(snaps)
+    vmin = min(float(v.min()) for v in snaps.values())
+    vmax = max(float(v.max()) for v in snaps.values())
     cols = min(5, len(cycles))
-    rows = -(-len(cycles) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * max(len(v) for v in snaps.values()) * rows + 2),
-                             squeeze=False)
-    for k, c in enumerate(cycles):
-        ax = axes[k // cols][k % cols]
-        im = ax.imshow(np.asarray(snaps[c]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    grid_rows = -(-len(cycles) // cols)
+    max_rows = max(len(v) for v in snaps.values())
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(2.6 * cols + 1.5, (0.25 * max_rows + 1.6) * grid_rows),
+                             squeeze=False, layout="constrained")
+    for k, (ax, c) in enumerate(zip(axes.ravel(), cycles)):
+        im = ax.imshow(snaps[c], vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_title(f"cycle {c}", fontsize=9)
-        ax.set_xticks(range(len(ops)))
-        ax.set_xticklabels(ops, rotation=90, fontsize=6)
-        ax.set_ylabel("row", fontsize=8)
-    for k in range(len(cycles), rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="softmax(alpha)")
+        ax.set_xticks(range(len(ops)), ops, rotation=90, fontsize=6)
+        labels = [row_label(r, final_paths) for r in history.rows(len(snaps[c]))]
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("block (final numbering)", fontsize=8)
+    for ax in axes.ravel()[len(cycles):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="softmax(alpha)\ncolours span the data, not 0 to 1")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return fig
 
 
 def plot_curves(metrics: list[dict], path: Path) -> None:
@@ -133,8 +211,10 @@ def write_report(workdir: Path, metrics: list[dict], alpha_history: list[dict], 
     plots = workdir / "plots"
     plots.mkdir(exist_ok=True)
     ops = genotype["op_set"]
-    plot_alpha_over_time(alpha_history, ops, plots / "alpha_over_time.png")
-    plot_alpha_heatmaps(alpha_history, ops, plots / "alpha_heatmaps.png")
+    final_paths = paths_per_block(genotype)
+    history = row_history(final_paths, [r for r in metrics if r.get("event") == "growth"])
+    plot_alpha_over_time(alpha_history, ops, history, final_paths, plots / "alpha_over_time.png")
+    plot_alpha_heatmaps(alpha_history, ops, history, final_paths, plots / "alpha_heatmaps.png")
     plot_curves(metrics, plots / "curves.png")
     plot_architecture(genotype, plots / "architecture.png")
     growths = [r for r in metrics if r.get("event") == "growth"]
