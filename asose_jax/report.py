@@ -54,6 +54,12 @@ def row_history(final_paths: list[int], growths: list[dict]) -> RowHistory:
     structures, born = [], {}
     for g in reversed([g for g in growths if g["kind"] in ("deepen", "branch")]):
         structures.append([(b, p) for b, n in blocks for p in range(n)])
+        # a deepen added a block of one path (later branches undone already); a branch added a second or later path
+        fits = 0 <= g["position"] < len(blocks) and (blocks[g["position"]][1] == 1 if g["kind"] == "deepen"
+                                                     else blocks[g["position"]][1] >= 2)
+        if not fits:
+            raise ValueError(f"the {g['kind']} at {g['position']} in cycle {g['cycle']} does not fit the final "
+                             f"structure (paths per block {final_paths})")
         if g["kind"] == "deepen":
             b, _ = blocks.pop(g["position"])
             born[(b, 0)] = f"deepen, cycle {g['cycle']}"

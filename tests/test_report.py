@@ -44,6 +44,8 @@ def test_row_history_undoes_deepen_and_branch_from_the_final_structure():
     assert history.born == {(2, 0): "deepen, cycle 1", (0, 1): "branch, cycle 3"}
     with pytest.raises(ValueError, match="6 rows"):
         history.rows(6)
+    with pytest.raises(ValueError, match="branch at 1 in cycle 3 does not fit"):
+        row_history(FINAL_PATHS, [{**GROWTHS[2], "position": 1}])  # block 1 has one path: it was never branched
 
 
 def test_paths_per_block_reads_multi_path_entries():
