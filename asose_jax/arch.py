@@ -3,19 +3,12 @@ Gumbel-softmax and entropy (``vmap`` over rows), the temperature schedule, and g
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from asose_jax.ops import PARAMETER_FREE
-
-
-class GenotypeError(ValueError):
-    """A genotype file that does not match the op set; the message is one line."""
 
 
 def init_alpha(key: jax.Array, rows: int, num_ops: int, scale: float) -> jax.Array:
@@ -83,27 +76,3 @@ def derive_genotype(alpha, ops: tuple[str, ...], exclude_none: bool = True,
         for r in rows[max_parameter_free:]:
             choice[r] = best_param[r]
     return [ops[int(i)] for i in choice]
-
-
-def save_genotype(path: str | Path, genotype: dict) -> None:
-    """Write the genotype JSON deterministically (sorted keys, fixed float formatting)."""
-    Path(path).write_text(json.dumps(genotype, indent=2, sort_keys=True) + "\n")
-
-
-def load_genotype(path: str | Path, known_ops) -> dict:
-    """Read and check a genotype JSON written by :func:`save_genotype`."""
-    p = Path(path)
-    if not p.is_file():
-        raise GenotypeError(f"genotype file not found: {path}")
-    try:
-        g = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GenotypeError(f"genotype file {path} is not valid JSON ({e})") from None
-    if not isinstance(g, dict) or not isinstance(g.get("ops"), list) or not g["ops"]:
-        raise GenotypeError(f"genotype file {path} has no 'ops' list")
-    for row in g["ops"]:
-        names = row if isinstance(row, list) else [row]
-        for name in names:
-            if name not in known_ops:
-                raise GenotypeError(f"genotype {path}: unknown op {name!r} (known: {', '.join(known_ops)})")
-    return g

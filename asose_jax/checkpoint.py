@@ -25,13 +25,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from asose_jax.config import Config, config_hash
+from asose_jax.errors import CheckpointError
 from asose_jax.model import NetSpec
+from asose_jax.utils import one_line
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one from another config; the message is one line (CLI: exit code 2)."""
 
 
 def resume_hash(cfg: Config) -> str:
@@ -80,11 +78,6 @@ def _defer_sigint():
                 raise KeyboardInterrupt
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
-
-
 @dataclass
 class Restored:
     state: Any
@@ -127,36 +120,45 @@ class Checkpointer:
     def restore_meta(self, ckpt_id: int) -> dict:
         return self.manager.restore(ckpt_id, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_latest(self, abstract_state_fn: Callable[[NetSpec], Any]) -> Restored | None:
+    def restore_latest(self, abstract_state_fn: Callable[[NetSpec], Any],
+                       check_meta: Callable[[dict], None] = lambda meta: None) -> Restored | None:
         """Newest checkpoint that restores cleanly; None when there is none at all.
 
         ``abstract_state_fn(spec)`` -> the abstract (``ShapeDtypeStruct``) state tree for that spec. Newer
         checkpoints that fail are moved to ``<dir>.corrupt/<id>`` once an older one has restored (they are
         kept for inspection, out of the way of ``max_to_keep``). Raises CheckpointError when checkpoints
-        exist but none restores.
+        exist but none restores, or when ``check_meta(meta)`` raises it: a checkpoint of another run is the
+        user's to move, not a corrupt one to set aside.
         """
         failed: list[tuple[int, str]] = []
         for ckpt_id in reversed(self.steps()):
             try:
-                meta = self.restore_meta(ckpt_id)
-                spec = NetSpec.from_dict(meta["spec"])
-                abstract = abstract_state_fn(spec)
-                restored = self.manager.restore(ckpt_id, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract)))
-                state = restored["state"]
-                jax.block_until_ready(state)
+                restored = self._restore(ckpt_id, abstract_state_fn, check_meta)
+            except CheckpointError:
+                raise
             except Exception as e:  # corrupted or truncated: fall back to the previous one
-                failed.append((ckpt_id, _one_line(e)))
+                why = f"{type(e).__name__}: {one_line(e)[:200]}"
+                failed.append((ckpt_id, why))
                 logger.warning("checkpoint %d in %s is unreadable (%s); trying the previous one",
-                               ckpt_id, self.directory, _one_line(e))
+                               ckpt_id, self.directory, why)
                 continue
             self._set_aside([i for i, _ in failed])
-            return Restored(state=state, spec=spec, meta=meta, ckpt_id=ckpt_id)
+            return restored
         if failed:
             newest, why = failed[0]
             raise CheckpointError(f"none of the {len(failed)} checkpoints in {self.directory} can be restored "
                                   f"(newest, {newest}: {why}); move the directory away or use a new --workdir")
         return None
+
+    def _restore(self, ckpt_id: int, abstract_state_fn: Callable[[NetSpec], Any],
+                 check_meta: Callable[[dict], None]) -> Restored:
+        meta = self.restore_meta(ckpt_id)
+        check_meta(meta)
+        spec = NetSpec.from_dict(meta["spec"])
+        restored = self.manager.restore(ckpt_id, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state_fn(spec))))
+        state = jax.block_until_ready(restored["state"])
+        return Restored(state=state, spec=spec, meta=meta, ckpt_id=ckpt_id)
 
     def _set_aside(self, ids: list[int]) -> None:
         if not ids:
@@ -175,7 +177,3 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until every queued save is written and finalised."""
         self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()

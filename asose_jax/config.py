@@ -3,6 +3,10 @@
 A config file is a Python module with ``get_config() -> Config`` (see ``configs/``). ``--preset NAME``
 is a shorthand for ``--config configs/NAME.py``. All errors raise :class:`ConfigError`, whose message is
 one line naming the key and the allowed values; the CLI turns it into exit code 2.
+
+This module imports no jax and no other part of the package but ``errors``: every layer may import it. The op,
+mixed-op mode and growth kind names are checked against their registries one layer up
+(:func:`asose_jax.cli.check_registered_names`), since those registries import this module.
 """
 from __future__ import annotations
 
@@ -16,10 +20,13 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from asose_jax.mixed_op import MODES
-from asose_jax.ops import PRIMITIVES, OP_REGISTRY
+from asose_jax.errors import ConfigError
 
-TRAIN_MODES = tuple(m for m in MODES if m != "argmax")  # modes a training step can use
+# The original ASO-SE op set, in its order: the default op set of every mixed op (alpha column order).
+PRIMITIVES: tuple[str, ...] = (
+    "none", "avg_pool_3x3", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+    "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7",
+)
 TTA_LABELS = {"flip": "flip-TTA", "flip_translate": "flip+translate TTA"}  # final.tta -> how reports name it
 TTA_MODES = tuple(TTA_LABELS)
 
@@ -27,11 +34,9 @@ TTA_MODES = tuple(TTA_LABELS)
 def tta_label(final_result: dict) -> str:
     """How a ``final.json`` dict names its ``test_acc_tta`` (results from before ``final.tta`` existed used flip)."""
     return TTA_LABELS[final_result.get("tta", "flip")]
+
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad config value or override: the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,6 @@ class MixedOpConfig:
     weight_threshold: float = 0.01  # threshold mode: ops under this weight are skipped
     eval_mode: str = "argmax"  # mode used by eval_step
     dispatch: str = "host"  # single mode: "host" (per-block programs, no conditionals) | "switch" (lax.switch)
-    precompile_workers: int = 0  # host dispatch: compile every block program before training, N threads (0 = lazily)
     arch_mode: str = ""  # mode of the arch steps when it differs from ``mode`` ("" = ``mode``), e.g. dense
 
 
@@ -66,7 +70,6 @@ class ArchConfig:
     tau_init: float = 5.0
     tau_decay: float = 0.98  # per arch epoch
     tau_min: float = 0.1
-    hard: bool = True  # hard (one-hot forward, straight-through) Gumbel samples
     genotype_exclude_none: bool = True
     max_parameter_free: int = -1  # cap on parameter-free ops (none/pools/skip) in the genotype; -1 = no cap
 
@@ -146,7 +149,7 @@ class FinalConfig:
     schedule: str = "cosine"  # LR after the linear warm-up: cosine | linear decay to 0 (stepped per step)
     path_scale_init: float = 1.0  # initial per-path residual scale (0 = identity-initialised blocks)
     eval_every: int = 0  # also report test accuracy every N epochs (a curve for the docs; decides nothing); 0 = end only
-    tta: str = "flip"  # test-time augmentation behind test_acc_tta: flip | flip_translate (see asose_jax.train.tta_logits)
+    tta: str = "flip"  # test-time augmentation behind test_acc_tta: flip | flip_translate (see asose_jax.final.tta_logits)
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,8 @@ def _set_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------- validation
 
-def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
+def check(cond: bool, key: str, allowed: str, value: Any) -> None:
+    """Raise the one-line ConfigError ``key=value is out of range: allowed ...`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
 
@@ -275,80 +279,70 @@ def _check(cond: bool, key: str, allowed: str, value: Any) -> None:
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first bad value; return cfg unchanged when all is well."""
     m, mo, a, o, d, c, g, f = cfg.model, cfg.mixed_op, cfg.arch, cfg.optim, cfg.data, cfg.cycle, cfg.growth, cfg.final
-    _check(cfg.precision in ("fp32", "bf16"), "precision", "fp32 | bf16", cfg.precision)
-    _check(m.skeleton in ("original", "resnet"), "model.skeleton", "original | resnet", m.skeleton)
-    _check(m.init_channels >= 2, "model.init_channels", ">= 2", m.init_channels)
-    _check(m.num_layers >= 1, "model.num_layers", ">= 1", m.num_layers)
-    _check(len(m.ops) >= 1, "model.ops", "a non-empty list of op names", m.ops)
-    for op in m.ops:
-        _check(op in OP_REGISTRY, "model.ops", " | ".join(OP_REGISTRY), op)
-    _check(len(set(m.ops)) == len(m.ops), "model.ops", "distinct op names", m.ops)
-    _check(m.num_classes >= 2, "model.num_classes", ">= 2", m.num_classes)
-    _check(m.stage_width_mult >= 1, "model.stage_width_mult", ">= 1", m.stage_width_mult)
-    _check(mo.mode in MODES, "mixed_op.mode", " | ".join(MODES), mo.mode)
-    _check(mo.eval_mode in MODES, "mixed_op.eval_mode", " | ".join(MODES), mo.eval_mode)
-    _check(mo.arch_mode in ("",) + TRAIN_MODES, "mixed_op.arch_mode", '"" (same as mode) | ' + " | ".join(TRAIN_MODES),
-           mo.arch_mode)
-    _check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
-    _check(mo.precompile_workers >= 0, "mixed_op.precompile_workers", ">= 0 (0 = compile lazily)",
-           mo.precompile_workers)
-    _check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
-    _check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)
+    check(cfg.precision in ("fp32", "bf16"), "precision", "fp32 | bf16", cfg.precision)
+    check(m.skeleton in ("original", "resnet"), "model.skeleton", "original | resnet", m.skeleton)
+    check(m.init_channels >= 2, "model.init_channels", ">= 2", m.init_channels)
+    check(m.num_layers >= 1, "model.num_layers", ">= 1", m.num_layers)
+    check(len(m.ops) >= 1, "model.ops", "a non-empty list of op names", m.ops)
+    check(len(set(m.ops)) == len(m.ops), "model.ops", "distinct op names", m.ops)
+    check(m.num_classes >= 2, "model.num_classes", ">= 2", m.num_classes)
+    check(m.stage_width_mult >= 1, "model.stage_width_mult", ">= 1", m.stage_width_mult)
+    check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
+    check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
+    check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)
     for name, v in (("arch.lr", a.lr), ("optim.lr", o.lr), ("final.lr", f.lr)):
-        _check(v > 0 and math.isfinite(v), name, "> 0", v)
+        check(v > 0 and math.isfinite(v), name, "> 0", v)
     for name, v in (("arch.weight_decay", a.weight_decay), ("optim.weight_decay", o.weight_decay),
                     ("final.weight_decay", f.weight_decay), ("optim.min_lr", o.min_lr)):
-        _check(v >= 0 and math.isfinite(v), name, ">= 0", v)
-    _check(0 <= a.b1 < 1 and 0 <= a.b2 < 1, "arch.b1/b2", "[0, 1)", (a.b1, a.b2))
-    _check(0 <= o.momentum < 1, "optim.momentum", "[0, 1)", o.momentum)
-    _check(a.clip_norm > 0 and o.clip_norm > 0, "arch.clip_norm/optim.clip_norm", "> 0", (a.clip_norm, o.clip_norm))
-    _check(o.clip_mode in ("global_norm", "soft"), "optim.clip_mode", "global_norm | soft", o.clip_mode)
-    _check(o.schedule in ("cosine_restarts", "constant"), "optim.schedule", "cosine_restarts | constant", o.schedule)
-    _check(o.t0_epochs >= 1 and o.t_mult >= 1, "optim.t0_epochs/t_mult", ">= 1", (o.t0_epochs, o.t_mult))
-    _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", "[0, 1)", o.label_smoothing)
-    _check(a.tau_init > 0 and 0 < a.tau_decay <= 1 and 0 < a.tau_min <= a.tau_init, "arch.tau_*",
+        check(v >= 0 and math.isfinite(v), name, ">= 0", v)
+    check(0 <= a.b1 < 1 and 0 <= a.b2 < 1, "arch.b1/b2", "[0, 1)", (a.b1, a.b2))
+    check(0 <= o.momentum < 1, "optim.momentum", "[0, 1)", o.momentum)
+    check(a.clip_norm > 0 and o.clip_norm > 0, "arch.clip_norm/optim.clip_norm", "> 0", (a.clip_norm, o.clip_norm))
+    check(o.clip_mode in ("global_norm", "soft"), "optim.clip_mode", "global_norm | soft", o.clip_mode)
+    check(o.schedule in ("cosine_restarts", "constant"), "optim.schedule", "cosine_restarts | constant", o.schedule)
+    check(o.t0_epochs >= 1 and o.t_mult >= 1, "optim.t0_epochs/t_mult", ">= 1", (o.t0_epochs, o.t_mult))
+    check(0 <= o.label_smoothing < 1, "optim.label_smoothing", "[0, 1)", o.label_smoothing)
+    check(a.tau_init > 0 and 0 < a.tau_decay <= 1 and 0 < a.tau_min <= a.tau_init, "arch.tau_*",
            "tau_init > 0, 0 < tau_decay <= 1, 0 < tau_min <= tau_init", (a.tau_init, a.tau_decay, a.tau_min))
-    _check(a.init_scale >= 0, "arch.init_scale", ">= 0", a.init_scale)
-    _check(a.max_parameter_free >= -1, "arch.max_parameter_free", ">= 0, or -1 for no cap", a.max_parameter_free)
+    check(a.init_scale >= 0, "arch.init_scale", ">= 0", a.init_scale)
+    check(a.max_parameter_free >= -1, "arch.max_parameter_free", ">= 0, or -1 for no cap", a.max_parameter_free)
     sources = ("auto", "dir", "tfds", "download", "synthetic")
-    _check(d.source in sources, "data.source", " | ".join(sources), d.source)
-    _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
-    _check(0 < d.arch_val_size < 50000 or d.source == "synthetic", "data.arch_val_size", "1..49999", d.arch_val_size)
-    _check(d.arch_val_size > 0, "data.arch_val_size", ">= 1", d.arch_val_size)
-    _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset/test_subset", ">= 0", (d.train_subset, d.test_subset))
-    _check(d.synthetic_train > d.arch_val_size or d.source != "synthetic", "data.synthetic_train",
+    check(d.source in sources, "data.source", " | ".join(sources), d.source)
+    check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    check(0 < d.arch_val_size < 50000 or d.source == "synthetic", "data.arch_val_size", "1..49999", d.arch_val_size)
+    check(d.arch_val_size > 0, "data.arch_val_size", ">= 1", d.arch_val_size)
+    check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset/test_subset", ">= 0", (d.train_subset, d.test_subset))
+    check(d.synthetic_train > d.arch_val_size or d.source != "synthetic", "data.synthetic_train",
            "> data.arch_val_size", d.synthetic_train)
-    _check(c.max_cycles >= 1, "cycle.max_cycles", ">= 1", c.max_cycles)
-    _check(c.weight_epochs >= 1, "cycle.weight_epochs", ">= 1", c.weight_epochs)
+    check(c.max_cycles >= 1, "cycle.max_cycles", ">= 1", c.max_cycles)
+    check(c.weight_epochs >= 1, "cycle.weight_epochs", ">= 1", c.weight_epochs)
     for name, v in (("cycle.warmup_epochs", c.warmup_epochs), ("cycle.arch_epochs", c.arch_epochs),
                     ("cycle.retrain_epochs", c.retrain_epochs)):
-        _check(v >= 0, name, ">= 0", v)
-    _check(c.early_stop_cycles >= 0 and c.early_stop_range >= 0, "cycle.early_stop_*", ">= 0",
+        check(v >= 0, name, ">= 0", v)
+    check(c.early_stop_cycles >= 0 and c.early_stop_range >= 0, "cycle.early_stop_*", ">= 0",
            (c.early_stop_cycles, c.early_stop_range))
-    _check(0 <= c.target_acc <= 100, "cycle.target_acc", "0..100 (percent)", c.target_acc)
-    _check(g.every >= 0, "growth.every", ">= 0", g.every)
-    for kind in g.kinds:
-        _check(kind in ("deepen", "widen", "branch"), "growth.kinds", "deepen | widen | branch", kind)
-    _check(g.strategy in ("original", "cycle"), "growth.strategy", "original | cycle", g.strategy)
-    _check(g.widen_factor > 1.0, "growth.widen_factor", "> 1", g.widen_factor)
-    _check(0 < g.deepen_skip_prob < 1, "growth.deepen_skip_prob",
+    check(0 <= c.target_acc <= 100, "cycle.target_acc", "0..100 (percent)", c.target_acc)
+    check(g.every >= 0, "growth.every", ">= 0", g.every)
+    check(g.strategy in ("original", "cycle"), "growth.strategy", "original | cycle", g.strategy)
+    check(g.widen_factor > 1.0, "growth.widen_factor", "> 1", g.widen_factor)
+    check(0 < g.deepen_skip_prob < 1, "growth.deepen_skip_prob",
            "0 < p < 1 (the probability of sampling skip_connect in a deepened block)", g.deepen_skip_prob)
-    _check(g.max_depth >= m.num_layers, "growth.max_depth", f">= model.num_layers ({m.num_layers})", g.max_depth)
-    _check(f.epochs >= 1, "final.epochs", ">= 1", f.epochs)
-    _check(f.batch_size >= 1, "final.batch_size", ">= 1", f.batch_size)
-    _check(f.skeleton in ("original", "resnet"), "final.skeleton", "original | resnet", f.skeleton)
-    _check(0 <= f.ema_decay < 1, "final.ema_decay", "[0, 1)", f.ema_decay)
-    _check(f.cutout >= 0, "final.cutout", ">= 0", f.cutout)
-    _check(f.schedule in ("cosine", "linear"), "final.schedule", "cosine | linear", f.schedule)
-    _check(f.width >= 0, "final.width", ">= 0 (0 = the searched widths)", f.width)
-    _check(0 <= f.momentum < 1, "final.momentum", "[0, 1)", f.momentum)
-    _check(0 <= f.label_smoothing < 1, "final.label_smoothing", "[0, 1)", f.label_smoothing)
-    _check(f.warmup_epochs >= 0, "final.warmup_epochs", ">= 0 (clamped to the run length)", f.warmup_epochs)
-    _check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
-    _check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = test only at the end)", f.eval_every)
-    _check(f.tta in TTA_MODES, "final.tta", " | ".join(TTA_MODES), f.tta)
-    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
-    _check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
+    check(g.max_depth >= m.num_layers, "growth.max_depth", f">= model.num_layers ({m.num_layers})", g.max_depth)
+    check(f.epochs >= 1, "final.epochs", ">= 1", f.epochs)
+    check(f.batch_size >= 1, "final.batch_size", ">= 1", f.batch_size)
+    check(f.skeleton in ("original", "resnet"), "final.skeleton", "original | resnet", f.skeleton)
+    check(0 <= f.ema_decay < 1, "final.ema_decay", "[0, 1)", f.ema_decay)
+    check(f.cutout >= 0, "final.cutout", ">= 0", f.cutout)
+    check(f.schedule in ("cosine", "linear"), "final.schedule", "cosine | linear", f.schedule)
+    check(f.width >= 0, "final.width", ">= 0 (0 = the searched widths)", f.width)
+    check(0 <= f.momentum < 1, "final.momentum", "[0, 1)", f.momentum)
+    check(0 <= f.label_smoothing < 1, "final.label_smoothing", "[0, 1)", f.label_smoothing)
+    check(f.warmup_epochs >= 0, "final.warmup_epochs", ">= 0 (clamped to the run length)", f.warmup_epochs)
+    check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
+    check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = test only at the end)", f.eval_every)
+    check(f.tta in TTA_MODES, "final.tta", " | ".join(TTA_MODES), f.tta)
+    check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
+    check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
     return cfg
 
 

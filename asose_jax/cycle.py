@@ -8,10 +8,8 @@ order comes from ``(seed, epoch_id)`` and per-step randomness from ``fold_in(key
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -26,15 +24,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asose_jax import arch, policy
-from asose_jax.checkpoint import CheckpointError, Checkpointer, all_finite, resume_hash
+from asose_jax.checkpoint import Checkpointer, all_finite, resume_hash
 from asose_jax.config import Config
 from asose_jax.data import Dataset, epoch_permutation, normalize
+from asose_jax.errors import CheckpointError, DivergenceError
 from asose_jax.model import NetSpec, build_spec, count_params
 from asose_jax.steps import (EVAL_BATCH, PHASES, SplitModeSteps, create_train_state, evaluate, make_steps,
                              zero_sums)
+from asose_jax.utils import LOG_EVERY, device_name, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
-LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)
 
 
 class _Flag:
@@ -60,10 +59,6 @@ def ctrl_c_flag():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-class DivergenceError(RuntimeError):
-    """The training loss became NaN/Inf; nothing was saved past the last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +89,6 @@ def plan(cfg: Config) -> list[Task]:
         epochs(cyc, "retrain", c.retrain_epochs)
         tasks.append(Task("cycle_end", cyc))
     return tasks
-
-
-def _device_name() -> str:
-    d = jax.devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', '')}"
 
 
 class Run:
@@ -211,10 +201,7 @@ class Run:
 
     # -------------------------------------------------------------------------------------- logging
     def _write_metrics(self) -> None:
-        path = self.workdir / "metrics.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics))
-        os.replace(tmp, path)
+        write_jsonl(self.workdir / "metrics.jsonl", self.metrics)
 
     def log(self, row: dict) -> None:
         self.metrics.append(row)
@@ -382,6 +369,6 @@ class Run:
         test = evaluate(self.steps, self.state, jnp.asarray(self.data.test.images), jnp.asarray(self.data.test.labels))
         result = {"arch_val_acc": ev["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
                   "params": count_params(self.state.params), "layers": len(self.spec.blocks),
-                  "steps": int(self.state.step), "device": _device_name()}
-        arch.save_genotype(self.workdir / "genotype.json", self.genotype())
+                  "steps": int(self.state.step), "device": device_name()}
+        write_json(self.workdir / "genotype.json", self.genotype())
         return result

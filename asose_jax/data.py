@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from asose_jax.errors import DataError
+from asose_jax.utils import one_line
+
 if TYPE_CHECKING:
     from asose_jax.config import DataConfig
 
@@ -65,10 +68,6 @@ CROP_PADDING = 4
 
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32) * np.float32(255.0)
 CIFAR_STD = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32) * np.float32(255.0)
-
-
-class DataError(RuntimeError):
-    """A data problem; message is ONE line for the user (CLI prints it, exit code 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +169,7 @@ def load_tfds() -> tuple[Split, Split]:
     except DataError:
         raise
     except Exception as e:  # tfds raises many types for "not prepared"; report any as one line
-        raise DataError(f"tfds cifar10 is not available ({type(e).__name__}: {_one_line(e)}); {hint}") from None
+        raise DataError(f"tfds cifar10 is not available ({type(e).__name__}: {one_line(e)}); {hint}") from None
     return splits[0], splits[1]
 
 
@@ -185,7 +184,7 @@ def download_cifar10() -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create cache directory {root}: {_one_line(e)}") from None
+        raise DataError(f"cannot create cache directory {root}: {one_line(e)}") from None
     archive = root / "cifar-10-python.tar.gz"
     _fetch(CIFAR10_URL, archive, CIFAR10_MD5)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
@@ -194,7 +193,7 @@ def download_cifar10() -> Path:
             with tarfile.open(archive, "r:gz") as tar:
                 tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"cannot extract {archive}: {_one_line(e)}") from None
+            raise DataError(f"cannot extract {archive}: {one_line(e)}") from None
         if not (tmp / CIFAR10_DIRNAME).is_dir():
             raise DataError(f"{archive} does not contain {CIFAR10_DIRNAME}/")
         if not target.is_dir():  # another process may have finished first
@@ -221,7 +220,7 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
                     bar.update(len(chunk))
     except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, refused connections, bad URLs
         part.unlink(missing_ok=True)
-        raise DataError(f"cannot download CIFAR-10 ({type(e).__name__}: {_one_line(e)}); "
+        raise DataError(f"cannot download CIFAR-10 ({type(e).__name__}: {one_line(e)}); "
                         "pass --data-dir or set ASOSE_DATA_DIR") from None
     got = digest.hexdigest()
     if got != md5:
@@ -323,7 +322,7 @@ def _write_stamp(stamps: tuple[Path, ...], signatures: dict) -> None:
             os.replace(tmp, stamp)
             return
         except OSError as e:
-            logger.debug("verification stamp not written at %s: %s", stamp, _one_line(e))
+            logger.debug("verification stamp not written at %s: %s", stamp, one_line(e))
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
     logger.info("no verification stamp could be written, so the next run checks the md5s again")
@@ -340,7 +339,7 @@ def _read_batch(file: Path) -> Split:
         labels = np.asarray(batch[b"labels"])
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError, IndexError,
             AttributeError, ImportError) as e:
-        raise DataError(f"corrupted CIFAR-10 batch file {file} ({type(e).__name__}: {_one_line(e)})") from None
+        raise DataError(f"corrupted CIFAR-10 batch file {file} ({type(e).__name__}: {one_line(e)})") from None
     h, w, c = IMAGE_SHAPE
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != h * w * c:
         raise DataError(f"bad CIFAR-10 batch file {file}: data is {data.dtype} {data.shape}, "
@@ -442,7 +441,3 @@ def augment_batch(key: jax.Array, images_u8: jnp.ndarray, crop: bool, flip: bool
         hole = rows[:, :, None] & cols[:, None, :]  # [B, H, W]
         out = jnp.where(hole[..., None], 0.0, out)
     return out
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -11,6 +11,9 @@ Two skeletons:
 
 A block may hold several mixed-op *paths* (``n_paths``; added by branch growth), each with its own
 alpha row. Rows are ordered block by block, path by path.
+
+The final network of a genotype is the same :class:`NetSpec` with one fixed op per row (``fixed_ops``): its
+paths hold only that op's weights, and it runs through the same blocks in the mixed op's ``fixed`` mode.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class NetSpec:
     ops: tuple[str, ...]
     num_classes: int = 10
     in_channels: int = 3
+    fixed_ops: tuple[int, ...] = ()  # one index into ``ops`` per row: a fixed-op (final) network; () = supernet
 
     @property
     def num_rows(self) -> int:
@@ -66,17 +70,33 @@ class NetSpec:
             r += b.n_paths
         return tuple(offs)
 
+    def block_ops(self, b: int) -> tuple[str, ...]:
+        """The fixed op of each path of block ``b`` (a fixed-op spec)."""
+        off = self.row_offsets()[b]
+        return tuple(self.ops[i] for i in self.fixed_ops[off:off + self.blocks[b].n_paths])
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "NetSpec":
         blocks = tuple(BlockSpec(**b) for b in d["blocks"])
-        return NetSpec(d["skeleton"], d["stem_channels"], blocks, tuple(d["ops"]), d["num_classes"], d["in_channels"])
+        return NetSpec(d["skeleton"], d["stem_channels"], blocks, tuple(d["ops"]), d["num_classes"], d["in_channels"],
+                       tuple(d.get("fixed_ops", ())))
 
 
 def downsample_positions(num_layers: int) -> set[int]:
     return {num_layers // 3, (2 * num_layers) // 3}
+
+
+def skeleton_block(skeleton: str, c_in: int, c_out: int, stride: int, n_paths: int = 1) -> BlockSpec:
+    """A block of ``skeleton`` (see module docstring); it gets an input conv where the shape changes."""
+    changes = c_out != c_in or stride != 1
+    if skeleton == "original":
+        return BlockSpec(c_in, c_out, stride, 1 if changes else 0, stride, residual=False, n_paths=n_paths)
+    if skeleton == "resnet":
+        return BlockSpec(c_in, c_out, stride, 3 if changes else 0, 1, residual=True, n_paths=n_paths)
+    raise ValueError(f"unknown skeleton {skeleton!r}")
 
 
 def build_spec(skeleton: str, init_channels: int, num_layers: int, ops, num_classes: int = 10,
@@ -87,13 +107,7 @@ def build_spec(skeleton: str, init_channels: int, num_layers: int, ops, num_clas
     for i in range(num_layers):
         stride = 2 if i in down else 1
         c_out = c * width_mult if stride == 2 else c
-        changes = c_out != c or stride != 1
-        if skeleton == "original":
-            blocks.append(BlockSpec(c, c_out, stride, 1 if changes else 0, stride, residual=False))
-        elif skeleton == "resnet":
-            blocks.append(BlockSpec(c, c_out, stride, 3 if changes else 0, 1, residual=True))
-        else:
-            raise ValueError(f"unknown skeleton {skeleton!r}")
+        blocks.append(skeleton_block(skeleton, c, c_out, stride))
         c = c_out
     return NetSpec(skeleton, init_channels, tuple(blocks), tuple(ops), num_classes)
 
@@ -118,17 +132,31 @@ def init_conv_bn(key: jax.Array, k: int, c_in: int, c_out: int) -> tuple[dict, d
     return params, bn_stats_init(c_out)
 
 
-def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec) -> tuple[dict, dict]:
+def init_fixed_path(key: jax.Array, name: str, c: int, stride: int) -> tuple[dict, dict]:
+    """Params and BN stats of a path with the one op ``name``: ``{name: ...}``, drawn from ``key`` itself."""
+    params, stats = OP_REGISTRY[name].init(key, c, stride)
+    return {name: params}, {name: stats}
+
+
+def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec, first_row: int = 0,
+               path_scale_init: float = 1.0) -> tuple[dict, dict]:
+    """Input conv, paths and path scales of one block. In a fixed-op spec, path ``p`` holds only the op of row
+    ``first_row + p``; ``path_scale_init`` is the initial residual scale of every path."""
     k_in, k_paths = jax.random.split(key)
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     if block.input_conv:
         params["input_conv"], stats["input_conv"] = init_conv_bn(k_in, block.input_conv, block.c_in, block.c_out)
-    paths = [init_path(k, spec.ops, block.c_out, block.op_stride) for k in jax.random.split(k_paths, block.n_paths)]
+    keys = jax.random.split(k_paths, block.n_paths)
+    if spec.fixed_ops:
+        paths = [init_fixed_path(k, spec.ops[spec.fixed_ops[first_row + p]], block.c_out, block.op_stride)
+                 for p, k in enumerate(keys)]
+    else:
+        paths = [init_path(k, spec.ops, block.c_out, block.op_stride) for k in keys]
     params["paths"] = [p for p, _ in paths]
     stats["paths"] = [s for _, s in paths]
     if uses_path_scale(block):
-        params["path_scale"] = jnp.ones((block.n_paths,), jnp.float32)
+        params["path_scale"] = jnp.full((block.n_paths,), path_scale_init, jnp.float32)
     return params, stats
 
 
@@ -145,13 +173,14 @@ def apply_head(params: dict, h: jax.Array) -> jax.Array:
     return jnp.dot(pooled, params["w"], precision=exact_precision(pooled.dtype)) + params["b"]
 
 
-def init_network(key: jax.Array, spec: NetSpec) -> tuple[dict, dict]:
-    """Weights and BN running statistics of the whole supernet."""
+def init_network(key: jax.Array, spec: NetSpec, path_scale_init: float = 1.0) -> tuple[dict, dict]:
+    """Weights and BN running statistics of the whole network (supernet, or fixed-op network)."""
     k_stem, k_blocks, k_head_w, k_head_b = jax.random.split(key, 4)
     c0, c_last = spec.stem_channels, spec.blocks[-1].c_out
     stem_params, stem_stats = init_conv_bn(k_stem, 3, spec.in_channels, c0)
     params, stats = {"stem": stem_params}, {"stem": stem_stats}
-    blocks = [init_block(k, spec, b) for k, b in zip(jax.random.split(k_blocks, len(spec.blocks)), spec.blocks)]
+    blocks = [init_block(k, spec, b, off, path_scale_init)
+              for k, b, off in zip(jax.random.split(k_blocks, len(spec.blocks)), spec.blocks, spec.row_offsets())]
     params["blocks"] = [p for p, _ in blocks]
     stats["blocks"] = [s for _, s in blocks]
     params["head"] = init_head(k_head_w, k_head_b, c_last, spec.num_classes)
@@ -194,12 +223,16 @@ def apply_network(spec: NetSpec, params: dict, stats: dict, x: jax.Array, select
                   train: bool, remat: bool = False, dtype=jnp.float32) -> tuple[jax.Array, dict]:
     """Logits ``[N, classes]`` (float32) and updated BN stats for images ``x`` ``[N, H, W, 3]``.
 
-    ``selection`` is a mixed-op selection with a leading rows axis (``mixed_op.select_rows``)."""
+    ``selection`` is a mixed-op selection with a leading rows axis (``mixed_op.select_rows``). In mode
+    ``fixed`` it is None: each row runs its op of ``spec.fixed_ops`` with coefficient 1 (no remat)."""
     x = x.astype(dtype)
     h, stem_stats = conv_bn_relu(params["stem"], stats["stem"], x, 1, train)
     new_stats = {"stem": stem_stats, "blocks": []}
     for b, (block, off) in enumerate(zip(spec.blocks, spec.row_offsets())):
-        sels = [jax.tree.map(lambda a, r=off + p: a[r], selection) for p in range(block.n_paths)]
+        if mode == "fixed":
+            sels = [{"op": spec.fixed_ops[off + p], "coeff": jnp.ones((), jnp.float32)} for p in range(block.n_paths)]
+        else:
+            sels = [jax.tree.map(lambda a, r=off + p: a[r], selection) for p in range(block.n_paths)]
 
         def run(prm, st, inp, sl, block=block):
             return apply_block(spec, block, prm, st, inp, sl, mode, train)

@@ -1,8 +1,7 @@
 """Tests for asose_jax.arch: batched Gumbel-softmax (soft / hard straight-through), entropy stability,
-the tau schedule, genotype derivation and the genotype JSON round trip with its errors."""
+the tau schedule and genotype derivation (the genotype file: tests/test_genotype.py)."""
 from __future__ import annotations
 
-import json
 import math
 
 import chex
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 
 from asose_jax import arch
-from asose_jax.arch import GenotypeError
 from asose_jax.ops import PRIMITIVES
 
 ROWS, OPS = 5, len(PRIMITIVES)
@@ -126,45 +124,6 @@ def test_derive_genotype_excludes_none():
     assert arch.derive_genotype(a, ops) == ["sep_conv_3x3", "dil_conv_5x5", "max_pool_3x3"]
     assert arch.derive_genotype(a, ops, exclude_none=False) == ["none", "dil_conv_5x5", "none"]
     assert arch.derive_genotype(jnp.zeros((1, 1)), ("none",)) == ["none"]  # nothing else to pick
-
-
-def test_genotype_roundtrip(tmp_path):
-    g = {"skeleton": "resnet", "ops": ["sep_conv_3x3", ["skip_connect", "max_pool_3x3"], "dil_conv_5x5"],
-         "op_set": list(PRIMITIVES), "stem_channels": 16, "num_classes": 10,
-         "blocks": [{"c_in": 16, "c_out": 16, "stride": 1}] * 3}
-    path = tmp_path / "genotype.json"
-    arch.save_genotype(path, g)
-    assert arch.load_genotype(path, PRIMITIVES) == g
-    text = path.read_text()
-    arch.save_genotype(path, g)
-    assert path.read_text() == text  # deterministic bytes
-    assert json.loads(text) == g
-
-
-def test_load_genotype_errors(tmp_path):
-    with pytest.raises(GenotypeError, match="not found"):
-        arch.load_genotype(tmp_path / "missing.json", PRIMITIVES)
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(GenotypeError, match="not valid JSON"):
-        arch.load_genotype(bad, PRIMITIVES)
-    unknown = tmp_path / "unknown.json"
-    unknown.write_text(json.dumps({"ops": ["sep_conv_3x3", "conv_9x9"]}))
-    with pytest.raises(GenotypeError, match="conv_9x9"):
-        arch.load_genotype(unknown, PRIMITIVES)
-    nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"ops": [["skip_connect", "warp_op"]]}))
-    with pytest.raises(GenotypeError, match="warp_op"):
-        arch.load_genotype(nested, PRIMITIVES)
-    no_ops = tmp_path / "no_ops.json"
-    no_ops.write_text(json.dumps({"skeleton": "resnet"}))
-    with pytest.raises(GenotypeError, match="ops"):
-        arch.load_genotype(no_ops, PRIMITIVES)
-    # GenotypeError is a ValueError with a one-line message
-    try:
-        arch.load_genotype(unknown, PRIMITIVES)
-    except GenotypeError as e:
-        assert isinstance(e, ValueError) and "\n" not in str(e)
 
 
 def test_parameter_free_cap_switches_the_weakest_rows():

@@ -248,25 +248,25 @@ def _genotype(ops) -> dict:
     ("{not json", "not valid JSON"),
 ])
 def test_genotype_that_does_not_match_the_op_set(tmp_path, content, needle):
-    from asose_jax.arch import GenotypeError, load_genotype
-    from asose_jax.ops import OP_REGISTRY
+    from asose_jax.errors import GenotypeError
+    from asose_jax.genotype import load_genotype
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(GenotypeError) as info:
-        load_genotype(path, tuple(OP_REGISTRY))
+        load_genotype(path)
     assert needle in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
-def test_train_cli_rejects_a_bad_genotype(capsys, tmp_path):
-    train = pytest.importorskip("asose_jax.train")
+def test_final_cli_rejects_a_bad_genotype(capsys, tmp_path):
+    from asose_jax import final
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(_genotype(["sep_conv_3x3", "no_such_op"])))
     workdir = tmp_path / "final"
-    rc, err = run_main(capsys, [*SMOKE, "--genotype", str(path), "--workdir", str(workdir)], main=train.main)
+    rc, err = run_main(capsys, [*SMOKE, "--genotype", str(path), "--workdir", str(workdir)], main=final.main)
     assert rc == 2
     assert_one_line_error(err, "no_such_op")
     assert not workdir.exists()
-    rc, err = run_main(capsys, [*SMOKE, "--genotype", str(tmp_path / "missing.json")], main=train.main)
+    rc, err = run_main(capsys, [*SMOKE, "--genotype", str(tmp_path / "missing.json")], main=final.main)
     assert rc == 2
     assert_one_line_error(err, "not found")
 

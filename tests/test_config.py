@@ -1,15 +1,18 @@
 """Tests for asose_jax.config: typed ``--set`` overrides, unknown keys and wrong types, range validation
-with one-line messages naming the key and the allowed range, presets, and serialisation."""
+with one-line messages naming the key and the allowed range (op, mode and growth names against their
+registries), presets, serialisation, and that importing it loads no jax."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
 from asose_jax import config as config_lib
-from asose_jax.config import Config, ConfigError, apply_overrides, validate
-from asose_jax.ops import PRIMITIVES
+from asose_jax.cli import check_registered_names
+from asose_jax.config import PRIMITIVES, Config, ConfigError, apply_overrides, validate
 
 PRESETS = sorted(p.stem for p in config_lib.CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
 
@@ -17,7 +20,7 @@ PRESETS = sorted(p.stem for p in config_lib.CONFIG_DIR.glob("*.py") if not p.nam
 def one_line_error(overrides: list[str], *fragments: str) -> str:
     """Apply + validate ``overrides`` on the defaults; expect a ConfigError mentioning every fragment."""
     with pytest.raises(ConfigError) as info:
-        validate(apply_overrides(Config(), overrides))
+        validate(check_registered_names(apply_overrides(Config(), overrides)))
     msg = str(info.value)
     assert "\n" not in msg
     for f in fragments:
@@ -104,6 +107,8 @@ def test_wrong_type(item, fragments):
     ("mixed_op.arch_mode=argmax", ("mixed_op.arch_mode", "dense | single | topk | threshold")),
     ("model.skeleton=vgg", ("model.skeleton", "original | resnet")),
     ("model.ops=none,conv_9x9", ("model.ops", "conv_9x9", "sep_conv_3x3")),
+    ("growth.kinds=deepen,shrink", ("growth.kinds", "shrink", "deepen | widen | branch")),
+    ("mixed_op.eval_mode=sometimes", ("mixed_op.eval_mode", "argmax")),
     ("model.ops=none,none", ("model.ops", "distinct")),
     ("data.source=s3", ("data.source", "synthetic")),
     ("precision=fp8", ("precision", "fp32 | bf16")),
@@ -128,8 +133,16 @@ def test_k_range_follows_the_op_set():
 
 def test_validate_returns_valid_config_unchanged():
     cfg = Config()
-    assert validate(cfg) is cfg
+    assert validate(cfg) is cfg and check_registered_names(cfg) is cfg
     assert cfg.model.ops == PRIMITIVES
+
+
+def test_importing_config_loads_no_jax():
+    """config is the bottom layer: the CLI parses and checks a config before jax is imported."""
+    code = ("import sys, asose_jax.config; "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -142,7 +155,7 @@ def test_presets_present():
 def test_every_preset_loads_and_validates(name):
     cfg = config_lib.load_config_file(config_lib.preset_path(name))
     assert isinstance(cfg, Config)
-    assert validate(cfg) is cfg
+    assert validate(check_registered_names(cfg)) is cfg
     assert config_lib.from_dict(json.loads(json.dumps(config_lib.to_dict(cfg)))) == cfg
 
 

@@ -275,12 +275,12 @@ def test_config_change_in_a_new_workdir_starts_a_new_run(xla_cache, reference, t
 def smoke_run(xla_cache, monkeypatch):
     """``make(workdir)`` -> a smoke-preset Run in this process (its compiles come from the session cache
     when this process has not set up its compilation cache otherwise)."""
-    from asose_jax import search
+    from asose_jax import cli
     from asose_jax.config import load_config_file, preset_path
     from asose_jax.cycle import Run
     from asose_jax.data import load_dataset
     monkeypatch.setenv("ASOSE_JAX_CACHE", str(xla_cache))
-    search.enable_compilation_cache()
+    cli.enable_compilation_cache()
     cfg = load_config_file(preset_path("smoke"))
     data = load_dataset(cfg.data, cfg.seed)
     return lambda workdir: Run(cfg, data, workdir, progress=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from asose_jax import arch
+from asose_jax.genotype import load_genotype
 from asose_jax.search import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_smoke_outputs(smoke_run):
     cfg = json.loads((workdir / "config.json").read_text())
     assert cfg["config"]["data"]["source"] == "synthetic"
     ops = tuple(cfg["config"]["model"]["ops"])
-    genotype = arch.load_genotype(workdir / "genotype.json", ops)
+    genotype = load_genotype(workdir / "genotype.json", ops)
     assert genotype["ops"] and len(genotype["ops"]) == len(genotype["blocks"])
 
     result = json.loads((workdir / "result.json").read_text())
@@ -141,4 +141,4 @@ def test_real_cifar10_mini_run(cifar10_dir, tmp_path, xla_cache):
     assert (workdir / "genotype.json").is_file()
     cfg = json.loads((workdir / "config.json").read_text())["config"]
     assert cfg["data"]["source"] == "dir"
-    arch.load_genotype(workdir / "genotype.json", tuple(cfg["model"]["ops"]))
+    load_genotype(workdir / "genotype.json", tuple(cfg["model"]["ops"]))
