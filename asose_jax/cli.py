@@ -74,15 +74,13 @@ def check_registered_names(cfg: Config) -> Config:
     for op in m.ops:
         check(op in ops.OP_REGISTRY, "model.ops", " | ".join(ops.OP_REGISTRY), op)
     modes = mixed_op.MODES
-    trainable = tuple(n for n in modes if n != "argmax") if isinstance(modes, tuple) else \
-        tuple(n for n, mode in modes.items() if mode.trainable)
+    trainable = tuple(name for name, mode in modes.items() if mode.trainable)
     check(mo.mode in modes, "mixed_op.mode", " | ".join(modes), mo.mode)
     check(mo.eval_mode in modes, "mixed_op.eval_mode", " | ".join(modes), mo.eval_mode)
     check(mo.arch_mode in ("",) + trainable, "mixed_op.arch_mode", '"" (same as mode) | ' + " | ".join(trainable),
           mo.arch_mode)
-    growths = tuple(getattr(growth, "GROWTHS", None) or growth.KINDS)
     for kind in cfg.growth.kinds:
-        check(kind in growths, "growth.kinds", " | ".join(growths), kind)
+        check(kind in growth.GROWTHS, "growth.kinds", " | ".join(growth.GROWTHS), kind)
     return cfg
 
 

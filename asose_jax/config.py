@@ -278,8 +278,18 @@ def check(cond: bool, key: str, allowed: str, value: Any) -> None:
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first bad value; return cfg unchanged when all is well."""
-    m, mo, a, o, d, c, g, f = cfg.model, cfg.mixed_op, cfg.arch, cfg.optim, cfg.data, cfg.cycle, cfg.growth, cfg.final
     check(cfg.precision in ("fp32", "bf16"), "precision", "fp32 | bf16", cfg.precision)
+    _validate_model(cfg.model, cfg.mixed_op)
+    _validate_optimizers(cfg.arch, cfg.optim, cfg.final)
+    _validate_data(cfg.data)
+    _validate_schedule(cfg.cycle, cfg.growth, cfg.model)
+    _validate_final(cfg.final)
+    check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
+    check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
+    return cfg
+
+
+def _validate_model(m: ModelConfig, mo: MixedOpConfig) -> None:
     check(m.skeleton in ("original", "resnet"), "model.skeleton", "original | resnet", m.skeleton)
     check(m.init_channels >= 2, "model.init_channels", ">= 2", m.init_channels)
     check(m.num_layers >= 1, "model.num_layers", ">= 1", m.num_layers)
@@ -290,6 +300,9 @@ def validate(cfg: Config) -> Config:
     check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
     check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
     check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)
+
+
+def _validate_optimizers(a: ArchConfig, o: OptimConfig, f: FinalConfig) -> None:
     for name, v in (("arch.lr", a.lr), ("optim.lr", o.lr), ("final.lr", f.lr)):
         check(v > 0 and math.isfinite(v), name, "> 0", v)
     for name, v in (("arch.weight_decay", a.weight_decay), ("optim.weight_decay", o.weight_decay),
@@ -303,31 +316,41 @@ def validate(cfg: Config) -> Config:
     check(o.t0_epochs >= 1 and o.t_mult >= 1, "optim.t0_epochs/t_mult", ">= 1", (o.t0_epochs, o.t_mult))
     check(0 <= o.label_smoothing < 1, "optim.label_smoothing", "[0, 1)", o.label_smoothing)
     check(a.tau_init > 0 and 0 < a.tau_decay <= 1 and 0 < a.tau_min <= a.tau_init, "arch.tau_*",
-           "tau_init > 0, 0 < tau_decay <= 1, 0 < tau_min <= tau_init", (a.tau_init, a.tau_decay, a.tau_min))
+          "tau_init > 0, 0 < tau_decay <= 1, 0 < tau_min <= tau_init", (a.tau_init, a.tau_decay, a.tau_min))
     check(a.init_scale >= 0, "arch.init_scale", ">= 0", a.init_scale)
     check(a.max_parameter_free >= -1, "arch.max_parameter_free", ">= 0, or -1 for no cap", a.max_parameter_free)
+
+
+def _validate_data(d: DataConfig) -> None:
     sources = ("auto", "dir", "tfds", "download", "synthetic")
     check(d.source in sources, "data.source", " | ".join(sources), d.source)
     check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     check(0 < d.arch_val_size < 50000 or d.source == "synthetic", "data.arch_val_size", "1..49999", d.arch_val_size)
     check(d.arch_val_size > 0, "data.arch_val_size", ">= 1", d.arch_val_size)
-    check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset/test_subset", ">= 0", (d.train_subset, d.test_subset))
+    check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset/test_subset", ">= 0",
+          (d.train_subset, d.test_subset))
     check(d.synthetic_train > d.arch_val_size or d.source != "synthetic", "data.synthetic_train",
-           "> data.arch_val_size", d.synthetic_train)
+          "> data.arch_val_size", d.synthetic_train)
+
+
+def _validate_schedule(c: CycleConfig, g: GrowthConfig, m: ModelConfig) -> None:
     check(c.max_cycles >= 1, "cycle.max_cycles", ">= 1", c.max_cycles)
     check(c.weight_epochs >= 1, "cycle.weight_epochs", ">= 1", c.weight_epochs)
     for name, v in (("cycle.warmup_epochs", c.warmup_epochs), ("cycle.arch_epochs", c.arch_epochs),
                     ("cycle.retrain_epochs", c.retrain_epochs)):
         check(v >= 0, name, ">= 0", v)
     check(c.early_stop_cycles >= 0 and c.early_stop_range >= 0, "cycle.early_stop_*", ">= 0",
-           (c.early_stop_cycles, c.early_stop_range))
+          (c.early_stop_cycles, c.early_stop_range))
     check(0 <= c.target_acc <= 100, "cycle.target_acc", "0..100 (percent)", c.target_acc)
     check(g.every >= 0, "growth.every", ">= 0", g.every)
     check(g.strategy in ("original", "cycle"), "growth.strategy", "original | cycle", g.strategy)
     check(g.widen_factor > 1.0, "growth.widen_factor", "> 1", g.widen_factor)
     check(0 < g.deepen_skip_prob < 1, "growth.deepen_skip_prob",
-           "0 < p < 1 (the probability of sampling skip_connect in a deepened block)", g.deepen_skip_prob)
+          "0 < p < 1 (the probability of sampling skip_connect in a deepened block)", g.deepen_skip_prob)
     check(g.max_depth >= m.num_layers, "growth.max_depth", f">= model.num_layers ({m.num_layers})", g.max_depth)
+
+
+def _validate_final(f: FinalConfig) -> None:
     check(f.epochs >= 1, "final.epochs", ">= 1", f.epochs)
     check(f.batch_size >= 1, "final.batch_size", ">= 1", f.batch_size)
     check(f.skeleton in ("original", "resnet"), "final.skeleton", "original | resnet", f.skeleton)
@@ -341,9 +364,6 @@ def validate(cfg: Config) -> Config:
     check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
     check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = test only at the end)", f.eval_every)
     check(f.tta in TTA_MODES, "final.tta", " | ".join(TTA_MODES), f.tta)
-    check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
-    check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- serialisation

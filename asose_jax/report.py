@@ -3,7 +3,6 @@ accuracy curves with growth events, and a diagram of the derived architecture.""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +13,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from asose_jax.config import tta_label
+from asose_jax.utils import write_json
 
 PHASE_COLORS = {"warmup": "tab:gray", "weight": "tab:blue", "arch": "tab:orange", "retrain": "tab:green",
                 "final": "tab:purple"}
@@ -257,4 +257,4 @@ def write_report(workdir: Path, metrics: list[dict], alpha_history: list[dict], 
               "![architecture](plots/architecture.png)", "",
               "Files: `genotype.json`, `metrics.jsonl` (one JSON object per line), `config.json`, `checkpoints/`.", ""]
     (workdir / "summary.md").write_text("\n".join(lines))
-    (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(workdir / "result.json", result)

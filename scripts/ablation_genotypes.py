@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from asose_jax.utils import write_json
+
 
 def with_ops(genotype: dict, pick) -> dict:
     """A copy of ``genotype`` whose op of every path is ``pick()``."""
@@ -39,7 +41,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, g in ((f"random_s{args.seed}", with_ops(searched, lambda: choices[rng.integers(len(choices))])),
                     ("all_sep_conv_3x3", with_ops(searched, lambda: "sep_conv_3x3"))):
-        (out / f"{name}.json").write_text(json.dumps(g, indent=2, sort_keys=True) + "\n")
+        write_json(out / f"{name}.json", g)
         print(f"{out / name}.json: {g['ops']}")
 
 

@@ -71,7 +71,7 @@ def jax_worker(args) -> dict:
     count; else print READY, wait for GO on stdin, then time, and return the record."""
     import jax
     if args.cache_dir:
-        from asose_jax.search import enable_compilation_cache
+        from asose_jax.cli import enable_compilation_cache
         os.environ.update(ASOSE_JAX_CACHE=args.cache_dir, ASOSE_JAX_CACHE_MIN_COMPILE_S="0")
         enable_compilation_cache()
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from asose_jax import search
-from asose_jax.config import ConfigError
+from asose_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no-progress"]

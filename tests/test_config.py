@@ -12,7 +12,8 @@ import pytest
 
 from asose_jax import config as config_lib
 from asose_jax.cli import check_registered_names
-from asose_jax.config import PRIMITIVES, Config, ConfigError, apply_overrides, validate
+from asose_jax.config import PRIMITIVES, Config, apply_overrides, validate
+from asose_jax.errors import ConfigError
 
 PRESETS = sorted(p.stem for p in config_lib.CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
 

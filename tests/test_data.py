@@ -15,8 +15,9 @@ import pytest
 
 from asose_jax import data
 from asose_jax.config import DataConfig
-from asose_jax.data import (CIFAR_MEAN, CIFAR_STD, DataError, Split, augment_batch, epoch_permutation,
-                            load_cifar10_dir, load_dataset, normalize, split_arch_val, synthetic_cifar)
+from asose_jax.data import (CIFAR_MEAN, CIFAR_STD, Split, augment_batch, epoch_permutation, load_cifar10_dir,
+                            load_dataset, normalize, split_arch_val, synthetic_cifar)
+from asose_jax.errors import DataError
 
 PER_BATCH = 20
 

@@ -312,7 +312,7 @@ def test_checkpoint_round_trip_is_exact(smoke_run, tmp_path):
 def test_save_refuses_a_non_finite_state(smoke_run, tmp_path):
     import jax
     import jax.numpy as jnp
-    from asose_jax.cycle import DivergenceError
+    from asose_jax.errors import DivergenceError
     run = smoke_run(tmp_path)
     run.init_state()
     run.save()  # a good one first
