@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from asose_jax.ops import PARAMETER_FREE
+from asose_jax.ops import OP_REGISTRY
 
 
 def init_alpha(key: jax.Array, rows: int, num_ops: int, scale: float) -> jax.Array:
@@ -68,7 +68,7 @@ def derive_genotype(alpha, ops: tuple[str, ...], exclude_none: bool = True,
     if exclude_none and "none" in ops and len(ops) > 1:
         a[:, ops.index("none")] = -np.inf
     choice = np.argmax(a, axis=-1)
-    free = np.array([op in PARAMETER_FREE for op in ops])
+    free = np.array([OP_REGISTRY[op].parameter_free for op in ops])
     if max_parameter_free >= 0 and not free.all():
         rows = [r for r in range(a.shape[0]) if free[choice[r]]]
         best_param = {r: int(np.argmax(np.where(free, -np.inf, a[r]))) for r in rows}

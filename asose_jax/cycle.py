@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from asose_jax import arch, policy
+from asose_jax import arch, growth, policy
 from asose_jax.checkpoint import Checkpointer, all_finite, resume_hash
 from asose_jax.config import Config
 from asose_jax.data import Dataset, epoch_permutation, normalize
 from asose_jax.errors import CheckpointError, DivergenceError
 from asose_jax.model import NetSpec, build_spec, count_params
-from asose_jax.steps import (EVAL_BATCH, PHASES, SplitModeSteps, create_train_state, evaluate, make_steps,
-                             zero_sums)
+from asose_jax.steps import evaluate, make_steps
+from asose_jax.train_state import PHASES, create_train_state, zero_sums
 from asose_jax.utils import LOG_EVERY, device_name, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -118,31 +117,7 @@ class Run:
         self.spec = build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
         self.state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(
             jax.random.PRNGKey(self.cfg.seed), self.spec, self.cfg, self.n_weight_steps)
-        self._make_steps()
-
-    def _make_steps(self) -> None:
-        """Steps for the current spec. With ``mixed_op.precompile_workers`` the block programs compile now,
-        and an arch step of its own mode (``mixed_op.arch_mode``) compiles alongside, in one more thread."""
         self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
-        workers = self.cfg.mixed_op.precompile_workers
-        if not workers:
-            return
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            arch_job = pool.submit(self._warm_arch_step) if isinstance(self.steps, SplitModeSteps) else None
-            if hasattr(self.steps, "precompile"):
-                self.steps.precompile(self.state, self.cfg.data.batch_size,
-                                      min(EVAL_BATCH, int(self.x_val.shape[0])), workers)
-            if arch_job is not None:
-                arch_job.result()
-        logger.info("precompiled the steps in %.1f s (%d threads)", time.perf_counter() - t0, workers)
-
-    def _warm_arch_step(self) -> None:
-        """Compile the arch step by running it once on a copy of the state (the state itself is untouched)."""
-        perm = jnp.asarray(epoch_permutation(self.cfg.seed, 0, int(self.x_val.shape[0]), self.cfg.data.batch_size))
-        scratch = jax.tree.map(jnp.copy, self.state)
-        jax.block_until_ready(self.steps.arch_step(scratch, self.x_val, self.y_val, perm, 0,
-                                                   self.steps.arch_sample(scratch)))
 
     def param_count(self) -> int:
         return count_params(self.state.params)
@@ -166,7 +141,7 @@ class Run:
             raise CheckpointError(f"the checkpoints in {self.ckpt.directory} come from a different config; use a "
                                   f"new --workdir or --set resume.allow_config_change=true")
         self.state, self.spec = restored.state, restored.spec
-        self._make_steps()
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
         self.task_index = min(int(meta["task_index"]), len(self.tasks))  # a changed config may shorten the plan
         self.step_in_epoch = int(meta["step_in_epoch"]) if self.task_index < len(self.tasks) else 0
         self.metrics = meta["metrics"]
@@ -287,21 +262,20 @@ class Run:
     def run_grow(self, task: Task) -> None:
         if not self.cfg.growth.enabled:
             return
-        from asose_jax import growth  # noqa: PLC0415  (growth pulls in the optimizer-transfer machinery)
         key = jax.random.fold_in(jax.random.fold_in(self.state.key, 7919), task.cycle)
         k_decide, k_grow = jax.random.split(key)
         events = [r for r in self.metrics if r.get("event") == "growth"]
         kind = policy.decide(self.cfg, self.spec, k_decide, task.cycle, self.cycle_accuracies(),
                              [r["kind"] for r in events], events[-1]["cycle"] if events else 0,
-                             growth.feasible_kinds(self.spec, self.state, self.cfg))
+                             growth.feasible_kinds(self.spec, self.state, self.cfg.growth))
         if kind is None:
             return
         x_fixed = normalize(self.x_val[:64])
         before_spec, before_state = self.spec, self.state
-        self.spec, self.state, info = growth.grow(kind, self.spec, self.state, k_grow, self.cfg)
+        self.spec, self.state, info = growth.grow(kind, self.spec, self.state, k_grow, self.cfg.growth)
         diff = growth.max_abs_logit_diff(before_spec, before_state, self.spec, self.state, x_fixed)
         del before_state
-        self._make_steps()
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
         self.log({"event": "growth", "cycle": task.cycle, "step": int(self.state.step), **info,
                   "max_abs_logit_diff": diff, "wall_s": self.wall_s()})
         logger.info("growth at cycle %d: %s at %s, params %d -> %d, max |logit diff| %.2e", task.cycle,

@@ -1,7 +1,7 @@
 """Function-preserving network growth: pure transforms ``(spec, state) -> (spec', state')``.
 
 Every transform returns a new :class:`~asose_jax.model.NetSpec` and a new
-:class:`~asose_jax.steps.TrainState` whose network computes the *same logits* as before:
+:class:`~asose_jax.train_state.TrainState` whose network computes the *same logits* as before:
 
 * always in inference mode (``train=False``, BN running statistics) with the ``argmax`` selection
   (``mixed_op.select_rows(alpha, 'argmax')``), the evaluation mode of the search;
@@ -45,8 +45,8 @@ from asose_jax import mixed_op
 from asose_jax.config import GrowthConfig
 from asose_jax.model import (BlockSpec, NetSpec, apply_network, count_params, init_block, init_path,
                              uses_path_scale)
+from asose_jax.ops import DEPTHWISE, FULL, OP_REGISTRY, REDUCE_HIGH, REDUCE_LOW
 
-KINDS = ("deepen", "widen", "branch")
 NEW_ROW_SCALE = 0.1  # new alpha rows ~ NEW_ROW_SCALE * N(0, 1)
 
 Transfer = Callable[[Any, Any], Any]
@@ -276,10 +276,6 @@ def widened_channels(c: int, factor: float) -> int:
     return max(c + 1, math.ceil(round(c * factor, 6)))
 
 
-_DEPTHWISE = ("dw", "dw1", "dw2")  # [k, k, 1, C]: per channel
-_FULL = ("pw", "pw1", "pw2", "conv1x7", "conv7x1", "conv")  # [kh, kw, C, C]: full convs
-
-
 class _Widener:
     """The index maps of one Net2Wider step (``g``: new -> old channel, ``cnt``: replicas per old)."""
 
@@ -312,29 +308,32 @@ class _Widener:
         """A C -> C conv inside the stage: in by g / cnt, out by g."""
         return self.out(self.inp(w, 2, what), what)
 
-    def fr(self, w, which: str):
-        """FactorizedReduce conv1 (-> old [0, c//2)) or conv2 (-> old [c//2, c)) of a stride-2 skip."""
-        w = self.inp(w, 2, f"skip_connect.{which}")
-        if which == "conv1":
-            self._check(w, -1, self.h, which)
-            cols = self.g[:self.h_new]
-        else:
-            self._check(w, -1, self.c - self.h, which)
-            cols = self.g[self.h_new:] - self.h
-        return jnp.take(w, cols, axis=-1)
+    def depthwise(self, w, what="depthwise"):
+        """A ``[k, k, 1, C]`` per-channel filter: output channels by g."""
+        self._check(w, 2, 1, what)
+        return self.out(w, what)
+
+    def reduce_low(self, w, what="reduce_low"):
+        """FactorizedReduce conv1 (-> old [0, c//2)): in by g / cnt, out by the first half of g."""
+        w = self.inp(w, 2, what)
+        self._check(w, -1, self.h, what)
+        return jnp.take(w, self.g[:self.h_new], axis=-1)
+
+    def reduce_high(self, w, what="reduce_high"):
+        """FactorizedReduce conv2 (-> old [c//2, c)): in by g / cnt, out by the second half of g."""
+        w = self.inp(w, 2, what)
+        self._check(w, -1, self.c - self.h, what)
+        return jnp.take(w, self.g[self.h_new:] - self.h, axis=-1)
 
     def op_params(self, op: str, p: dict) -> dict:
+        """The weights of op ``op``, each by its ``OpDef.channel_roles`` entry."""
+        roles = OP_REGISTRY[op].channel_roles
+        rules = {DEPTHWISE: self.depthwise, FULL: self.full, REDUCE_LOW: self.reduce_low, REDUCE_HIGH: self.reduce_high}
         new = {}
         for name, w in p.items():
-            if op == "skip_connect" and name in ("conv1", "conv2"):
-                new[name] = self.fr(w, name)
-            elif name in _DEPTHWISE:
-                self._check(w, 2, 1, f"{op}.{name}")
-                new[name] = self.out(w, f"{op}.{name}")
-            elif name in _FULL:
-                new[name] = self.full(w, f"{op}.{name}")
-            else:
+            if roles.get(name) not in rules:
                 raise ValueError(f"widen: no channel rule for parameter {op}.{name}")
+            new[name] = rules[roles[name]](w, f"{op}.{name}")
         return new
 
     def stats(self, tree):
@@ -480,8 +479,7 @@ def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _logits(spec: NetSpec, params, stats, alpha, mode: str, x):
-    weights = alpha if mode == "argmax" else jax.nn.softmax(alpha, axis=-1)
-    sel = mixed_op.select_rows(weights, mode)
+    sel = mixed_op.select_rows(mixed_op.MODES[mode].eval_weights(alpha), mode)
     return apply_network(spec, params, stats, x, sel, mode, train=False)[0]
 
 
@@ -498,57 +496,62 @@ def max_abs_logit_diff(spec_a: NetSpec, state_a, spec_b: NetSpec, state_b, x, mo
     return float(jnp.max(jnp.abs(la - lb)))
 
 
-# ---------------------------------------------------------------------------------------------- dispatch
+# ---------------------------------------------------------------------------------------------- the kinds
 
-def _growth_cfg(cfg):
-    return cfg.growth if hasattr(cfg, "growth") else cfg
+@dataclass(frozen=True)
+class Growth:
+    """One growth kind. ``apply(spec, state, position, key, g) -> (spec, state)`` with ``g`` the GrowthConfig;
+    ``positions(spec)``: how many positions it can act on (``grow`` draws one uniformly from ``0..positions-1``);
+    ``feasible(spec, state, g)``: whether the network may take it now."""
+    apply: Callable[..., tuple[NetSpec, Any]]
+    positions: Callable[[NetSpec], int]
+    feasible: Callable[[NetSpec, Any, GrowthConfig], bool]
 
 
-def feasible_kinds(spec: NetSpec, state, cfg) -> tuple[str, ...]:
-    """The kinds of ``cfg.growth.kinds`` (or a GrowthConfig's) that may be applied now: ``deepen`` only
-    below ``max_depth`` blocks, below ``depth_param_cap`` weights (if set) and, on ``original``, with
+def _always(spec: NetSpec, state, g: GrowthConfig) -> bool:
+    return True
+
+
+def _deepen_feasible(spec: NetSpec, state, g: GrowthConfig) -> bool:
+    """Below ``max_depth`` blocks, below ``depth_param_cap`` weights (if set) and, on ``original``, with
     ``skip_connect`` in the op set."""
-    g = _growth_cfg(cfg)
-    kinds = []
-    for kind in g.kinds:
-        if kind == "deepen":
-            if len(spec.blocks) >= g.max_depth:
-                continue
-            if g.depth_param_cap and count_params(state.params) >= g.depth_param_cap:
-                continue
-            if spec.skeleton == "original" and "skip_connect" not in spec.ops:
-                continue
-        kinds.append(kind)
-    return tuple(kinds)
+    return (len(spec.blocks) < g.max_depth
+            and not (g.depth_param_cap and count_params(state.params) >= g.depth_param_cap)
+            and not (spec.skeleton == "original" and "skip_connect" not in spec.ops))
 
 
-def grow(kind: str, spec: NetSpec, state, key: jax.Array, cfg):
-    """Apply one growth of ``kind`` at a position drawn from ``key`` (reproducible).
+GROWTHS: dict[str, Growth] = {
+    "deepen": Growth(lambda spec, state, pos, key, g: deepen(spec, state, pos, key, g.deepen_skip_prob),
+                     lambda spec: len(spec.blocks) + 1, _deepen_feasible),
+    "widen": Growth(lambda spec, state, pos, key, g: widen(spec, state, pos, g.widen_factor, key),
+                    lambda spec: len(stages(spec)), _always),
+    "branch": Growth(lambda spec, state, pos, key, g: branch(spec, state, pos, key),
+                     lambda spec: len(spec.blocks), _always),
+}
 
-    ``deepen``: position uniform in ``0..len(blocks)``, ``skip_prob`` = ``cfg.deepen_skip_prob``; ``widen``:
-    a uniform stage, factor ``cfg.widen_factor``; ``branch``: a uniform block. ``cfg`` is a ``Config`` or a
-    ``GrowthConfig``.
-    Returns ``(spec, state, info)``, ``info = {kind, position, params_before, params_after}`` where
-    ``position`` is the new block's index (deepen), the stage index (widen) or the block index (branch).
-    ``deepen`` beyond ``max_depth`` / ``depth_param_cap`` (or on ``original`` without ``skip_connect``)
-    raises ``ValueError``: pick kinds with :func:`feasible_kinds`. ``cfg.kinds`` is not enforced here."""
-    g = _growth_cfg(cfg)
+
+def feasible_kinds(spec: NetSpec, state, g: GrowthConfig) -> tuple[str, ...]:
+    """The kinds of ``g.kinds`` that the network may take now (each kind's ``Growth.feasible``)."""
+    return tuple(kind for kind in g.kinds if GROWTHS[kind].feasible(spec, state, g))
+
+
+def grow(kind: str, spec: NetSpec, state, key: jax.Array, g: GrowthConfig):
+    """Apply one growth of ``kind`` at a position drawn uniformly from ``key`` (reproducible).
+
+    ``deepen``: the new block's index in ``0..len(blocks)``, ``skip_prob`` = ``g.deepen_skip_prob``; ``widen``: a
+    stage, factor ``g.widen_factor``; ``branch``: a block. Returns ``(spec, state, info)``,
+    ``info = {kind, position, params_before, params_after}``. A kind the network cannot take now raises
+    ``ValueError``: pick kinds with :func:`feasible_kinds`. ``g.kinds`` is not enforced here."""
+    if kind not in GROWTHS:
+        raise ValueError(f"unknown growth kind {kind!r} (known: {', '.join(GROWTHS)})")
+    growth = GROWTHS[kind]
     k_pos, k_grow = jax.random.split(key)
     before = count_params(state.params)
-    if kind == "deepen" and "deepen" not in feasible_kinds(spec, state, dataclasses.replace(g, kinds=("deepen",))):
-        raise ValueError(f"deepen not allowed: {len(spec.blocks)} blocks (max_depth {g.max_depth}), {before} weights "
+    if not growth.feasible(spec, state, g):
+        raise ValueError(f"{kind} not allowed: {len(spec.blocks)} blocks (max_depth {g.max_depth}), {before} weights "
                          f"(depth_param_cap {g.depth_param_cap}), skeleton {spec.skeleton!r}; see feasible_kinds")
-    if kind == "deepen":
-        position = int(jax.random.randint(k_pos, (), 0, len(spec.blocks) + 1))
-        new_spec, new_state = deepen(spec, state, position, k_grow, g.deepen_skip_prob)
-    elif kind == "widen":
-        position = int(jax.random.randint(k_pos, (), 0, len(stages(spec))))
-        new_spec, new_state = widen(spec, state, position, g.widen_factor, k_grow)
-    elif kind == "branch":
-        position = int(jax.random.randint(k_pos, (), 0, len(spec.blocks)))
-        new_spec, new_state = branch(spec, state, position, k_grow)
-    else:
-        raise ValueError(f"unknown growth kind {kind!r} (known: {', '.join(KINDS)})")
+    position = int(jax.random.randint(k_pos, (), 0, growth.positions(spec)))
+    new_spec, new_state = growth.apply(spec, state, position, k_grow, g)
     info = {"kind": kind, "position": position, "params_before": before,
             "params_after": count_params(new_state.params)}
     return new_spec, new_state, info

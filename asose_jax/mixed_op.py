@@ -1,7 +1,8 @@
 """The mixed op: a weighted combination of primitives that computes only the ops it needs.
 
-``select(weights, mode, k, threshold)`` turns one row of op weights ``[num_ops]`` into a *selection*:
-scalar op indices and their coefficients. ``apply`` runs exactly the selected ops:
+Each *mode* is one :class:`Mode` in ``MODES``. Its ``choose`` picks the ops from one row of op weights
+``[num_ops]``, its ``select`` turns the weights and that choice into a *selection* (scalar op indices and their
+coefficients), and its ``apply`` runs exactly the selected ops:
 
 | mode        | ops computed | how                                                             |
 |-------------|--------------|-----------------------------------------------------------------|
@@ -10,7 +11,7 @@ scalar op indices and their coefficients. ``apply`` runs exactly the selected op
 | `topk`      | k            | `lax.top_k`, then k `lax.switch` calls; weights renormalised    |
 | `threshold` | <= k         | ops under the threshold (or outside the top k) skipped by `lax.cond` |
 | `argmax`    | 1            | `lax.switch` on argmax(alpha); coefficient 1 (inference)        |
-| `fixed`     | 1            | op index static at trace time (used by `single_path`)          |
+| `fixed`     | 1            | op index static at trace time (``FIXED``, not in ``MODES``: the host-dispatched single path and the final network) |
 
 The index is an unbatched scalar per mixed op, so under ``jit`` XLA really skips the other branches.
 The switch modes run through :func:`switched`, whose backward pass recomputes the chosen op inside a second
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -28,24 +31,165 @@ from jax import lax
 
 from asose_jax.ops import OP_REGISTRY
 
-MODES = ("dense", "single", "topk", "threshold", "argmax")
+
+def _softmax_rows(alpha: jax.Array) -> jax.Array:
+    return jax.nn.softmax(alpha, -1)
+
+
+def _alpha_itself(alpha: jax.Array) -> jax.Array:
+    return alpha
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One mixed-op mode.
+
+    ``choose(weights [num_ops], k, threshold) -> choice``; ``select(weights, choice) -> selection``, differentiable
+    in ``weights``; ``apply(ops, stride, params, stats, x, selection, train) -> (y, new stats)``.
+    ``sampling``: the Gumbel samples a training step draws its weights from (``hard``: one-hot forward with the
+    straight-through gradient; ``soft``). ``eval_weights(alpha [rows, ops]) -> weights``: what evaluation and
+    the growth check feed ``select``. ``host_dispatch``: under ``mixed_op.dispatch=host`` the host-dispatched
+    engine (``single_path``) runs the steps. ``trainable``: alpha gets a gradient through the mode, so it may be
+    ``mixed_op.arch_mode``."""
+    name: str
+    choose: Callable[..., jax.Array] | None
+    select: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None
+    apply: Callable[..., tuple[jax.Array, dict[str, Any]]]
+    sampling: str = "soft"
+    eval_weights: Callable[[jax.Array], jax.Array] = _softmax_rows
+    host_dispatch: bool = False
+    trainable: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- choose
+
+def _choose_every_op(weights, k, threshold):
+    """A dummy ``[1]``: every op runs."""
+    return jnp.zeros((1,), jnp.int32)
+
+
+def _choose_argmax(weights, k, threshold):
+    return jnp.argmax(weights)[None].astype(jnp.int32)
+
+
+def _choose_top_k(weights, k, threshold):
+    return lax.top_k(weights, k)[1].astype(jnp.int32)
+
+
+def _choose_above_threshold(weights, k, threshold):
+    """A bool keep-mask ``[num_ops]``: the top k that reach ``threshold``, and the argmax in any case."""
+    n = weights.shape[-1]
+    _, top_idx = lax.top_k(weights, min(k, n))
+    keep = jnp.zeros((n,), bool).at[top_idx].set(True) & (weights >= threshold)
+    return keep.at[jnp.argmax(weights)].set(True)  # never drop every op
+
+
+# ---------------------------------------------------------------------------------------------- select
+
+def _select_weighted(weights, choice):
+    return {"coeff": weights}
+
+
+def _select_sampled(weights, choice):
+    """``weights`` is a hard straight-through sample: ``w[idx] == 1`` forward, with the soft gradient."""
+    return {"idx": choice, "coeff": weights[choice]}
+
+
+def _select_renormalised(weights, choice):
+    vals = weights[choice]
+    return {"idx": choice, "coeff": vals / jnp.sum(vals)}
+
+
+def _select_kept(weights, choice):
+    w = jnp.where(choice, weights, 0.0)
+    return {"keep": choice, "coeff": w / jnp.sum(w)}
+
+
+def _select_unit(weights, choice):
+    return {"idx": choice, "coeff": jnp.ones(choice.shape, weights.dtype)}
+
+
+# ---------------------------------------------------------------------------------------------- apply
+
+def _branch(name: str, stride: int, train: bool):
+    op = OP_REGISTRY[name]
+
+    def run(params, stats, x):
+        y, s = op.apply(params[name], stats[name], x, stride, train)
+        return y, {**stats, name: s}
+    return run
+
+
+def _apply_fixed(ops, stride, params, stats, x, sel, train):
+    """``sel["op"]``: a Python int, known at trace time, so no conditional."""
+    y, stats = _branch(ops[sel["op"]], stride, train)(params, stats, x)
+    return sel["coeff"].astype(y.dtype) * y, stats
+
+
+def _apply_every_op(ops, stride, params, stats, x, sel, train):
+    y, new_stats = None, dict(stats)
+    for i, name in enumerate(ops):
+        yi, s = _branch(name, stride, train)(params, stats, x)
+        new_stats[name] = s[name]
+        term = sel["coeff"][i].astype(yi.dtype) * yi
+        y = term if y is None else y + term
+    return y, new_stats
+
+
+def _apply_kept(ops, stride, params, stats, x, sel, train):
+    """One ``lax.cond`` per op on ``sel["keep"]``."""
+    branches = [_branch(name, stride, train) for name in ops]
+    out_shape = jax.eval_shape(lambda p, s, a: branches[0](p, s, a)[0], params, stats, x)
+    y = jnp.zeros(out_shape.shape, out_shape.dtype)
+    for i, run in enumerate(branches):
+        def take(p, s, a, run=run, c=sel["coeff"][i]):
+            yi, s2 = run(p, s, a)
+            return c.astype(yi.dtype) * yi, s2
+
+        def skip(p, s, a):
+            return jnp.zeros(out_shape.shape, out_shape.dtype), s
+        yi, stats = lax.cond(sel["keep"][i], take, skip, params, stats, x)
+        y = y + yi
+    return y, stats
+
+
+def _apply_switched(ops, stride, params, stats, x, sel, train):
+    """One scalar :func:`switched` per chosen op ``sel["idx"][j]``."""
+    run = switched(tuple(ops), stride, train)
+    y = None
+    for j in range(sel["idx"].shape[0]):
+        yj, stats = run(sel["idx"][j], params, stats, x)
+        term = sel["coeff"][j].astype(yj.dtype) * yj
+        y = term if y is None else y + term
+    return y, stats
+
+
+# ---------------------------------------------------------------------------------------------- the modes
+
+MODES: dict[str, Mode] = {
+    "dense": Mode("dense", _choose_every_op, _select_weighted, _apply_every_op),
+    "single": Mode("single", _choose_argmax, _select_sampled, _apply_switched, sampling="hard", host_dispatch=True),
+    "topk": Mode("topk", _choose_top_k, _select_renormalised, _apply_switched),
+    "threshold": Mode("threshold", _choose_above_threshold, _select_kept, _apply_kept),
+    "argmax": Mode("argmax", _choose_argmax, _select_unit, _apply_switched, eval_weights=_alpha_itself,
+                   trainable=False),
+}
+FIXED = Mode("fixed", None, None, _apply_fixed)
+
+
+def mode_named(name: str) -> Mode:
+    """The :class:`Mode` called ``name``: one of ``MODES``, or ``fixed``."""
+    if name == FIXED.name:
+        return FIXED
+    if name not in MODES:
+        raise ValueError(f"unknown mixed-op mode {name!r} (known: {', '.join(MODES)}, fixed)")
+    return MODES[name]
 
 
 def choose(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01) -> jax.Array:
     """Which ops run, from one row of weights ``[num_ops]``: int32 indices ``[k]`` (switch modes; 1 for
     single/argmax), a bool keep-mask ``[num_ops]`` (threshold), or a dummy ``[1]`` (dense)."""
-    n = weights.shape[-1]
-    if mode == "dense":
-        return jnp.zeros((1,), jnp.int32)
-    if mode in ("single", "argmax"):
-        return jnp.argmax(weights)[None].astype(jnp.int32)
-    if mode == "topk":
-        return lax.top_k(weights, k)[1].astype(jnp.int32)
-    if mode == "threshold":
-        _, top_idx = lax.top_k(weights, min(k, n))
-        keep = jnp.zeros((n,), bool).at[top_idx].set(True) & (weights >= threshold)
-        return keep.at[jnp.argmax(weights)].set(True)  # never drop every op
-    raise ValueError(f"unknown mixed-op mode {mode!r}")
+    return mode_named(mode).choose(weights, k, threshold)
 
 
 def select(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01, choice=None) -> dict[str, jax.Array]:
@@ -54,21 +198,10 @@ def select(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01, c
 
     Passing a precomputed ``choice`` keeps the branch index an input of the compiled step, so XLA's
     conditionals need not wait for in-step sampling (see docs/benchmarks.md)."""
-    if mode == "dense":
-        return {"coeff": weights}
+    m = mode_named(mode)
     if choice is None:
-        choice = choose(lax.stop_gradient(weights), mode, k, threshold)
-    if mode == "argmax":
-        return {"idx": choice, "coeff": jnp.ones(choice.shape, weights.dtype)}
-    if mode == "single":  # weights is a hard straight-through sample: w[idx] == 1 forward, soft gradient
-        return {"idx": choice, "coeff": weights[choice]}
-    if mode == "topk":
-        vals = weights[choice]
-        return {"idx": choice, "coeff": vals / jnp.sum(vals)}
-    if mode == "threshold":
-        w = jnp.where(choice, weights, 0.0)
-        return {"keep": choice, "coeff": w / jnp.sum(w)}
-    raise ValueError(f"unknown mixed-op mode {mode!r}")
+        choice = m.choose(lax.stop_gradient(weights), k, threshold)
+    return m.select(weights, choice)
 
 
 def choose_rows(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01) -> jax.Array:
@@ -83,51 +216,11 @@ def select_rows(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.
     return jax.vmap(lambda w, c: select(w, mode, k, threshold, c))(weights, choices)
 
 
-def _branch(name: str, stride: int, train: bool):
-    op = OP_REGISTRY[name]
-
-    def run(params, stats, x):
-        y, s = op.apply(params[name], stats[name], x, stride, train)
-        return y, {**stats, name: s}
-    return run
-
-
 def apply(ops: tuple[str, ...], stride: int, params: dict, stats: dict, x: jax.Array,
           sel: dict[str, jax.Array], mode: str, train: bool) -> tuple[jax.Array, dict[str, Any]]:
-    """Run the mixed op on ``x`` ``[N, H, W, C]``; returns ``(y [N, H/s, W/s, C], new stats)``."""
-    branches = [_branch(name, stride, train) for name in ops]
-    if mode == "fixed":  # op index known at trace time (host-dispatched single path): no conditional
-        y, stats = branches[sel["op"]](params, stats, x)
-        return sel["coeff"].astype(y.dtype) * y, stats
-    if mode == "dense":
-        y, new_stats = None, dict(stats)
-        for i, run in enumerate(branches):
-            yi, s = run(params, stats, x)
-            new_stats[ops[i]] = s[ops[i]]
-            term = sel["coeff"][i].astype(yi.dtype) * yi
-            y = term if y is None else y + term
-        return y, new_stats
-    if mode == "threshold":
-        out_shape = jax.eval_shape(lambda p, s, a: branches[0](p, s, a)[0], params, stats, x)
-        y = jnp.zeros(out_shape.shape, out_shape.dtype)
-        for i, run in enumerate(branches):
-            def take(p, s, a, run=run, c=sel["coeff"][i]):
-                yi, s2 = run(p, s, a)
-                return c.astype(yi.dtype) * yi, s2
-
-            def skip(p, s, a):
-                return jnp.zeros(out_shape.shape, out_shape.dtype), s
-            yi, stats = lax.cond(sel["keep"][i], take, skip, params, stats, x)
-            y = y + yi
-        return y, stats
-    # single / topk / argmax: one scalar switch per chosen op
-    run = switched(tuple(ops), stride, train)
-    y = None
-    for j in range(sel["idx"].shape[0]):
-        yj, stats = run(sel["idx"][j], params, stats, x)
-        term = sel["coeff"][j].astype(yj.dtype) * yj
-        y = term if y is None else y + term
-    return y, stats
+    """Run the mixed op of ``mode`` (a name in ``MODES``, or ``fixed``) on ``x`` ``[N, H, W, C]``; returns
+    ``(y [N, H/s, W/s, C], new stats)``."""
+    return mode_named(mode).apply(ops, stride, params, stats, x, sel, train)
 
 
 # ---------------------------------------------------------------------------------------------- switched op

@@ -241,13 +241,3 @@ def apply_network(spec: NetSpec, params: dict, stats: dict, x: jax.Array, select
         h, s = run(params["blocks"][b], stats["blocks"][b], h, sels)
         new_stats["blocks"].append(s)
     return apply_head(params["head"], h), new_stats
-
-
-def network_flops(spec: NetSpec, params, stats, selection, mode: str, batch: int = 1) -> float:
-    """XLA's flop count of one forward pass (``cost_analysis``), for documentation and tests."""
-    x = jnp.zeros((batch, 32, 32, spec.in_channels), jnp.float32)
-    fn = jax.jit(lambda p, s, sel, a: apply_network(spec, p, s, a, sel, mode, train=False)[0])
-    cost = fn.lower(params, stats, selection, x).compile().cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    return float(cost.get("flops", 0.0))

@@ -1,4 +1,5 @@
-"""The primitive registry: pure ``init``/``apply`` pairs over NHWC activations.
+"""The primitive registry: pure ``init``/``apply`` pairs over NHWC activations, each added to
+``OP_REGISTRY`` by :func:`register_op` next to its definition.
 
 Every op maps ``[N, H, W, C] -> [N, H/s, W/s, C]`` (stride ``s`` in {1, 2}), keeps the channel count,
 uses bias-free convolutions and non-affine BatchNorm, exactly as the original's PRIMITIVES (same
@@ -12,21 +13,19 @@ PyTorch baseline and this port start from the same distribution.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from asose_jax.config import PRIMITIVES  # noqa: F401 (the default op set, named here beside the ops)
+
 Params = dict[str, Any]
 Stats = dict[str, Any]
 
-PRIMITIVES: tuple[str, ...] = (
-    "none", "avg_pool_3x3", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
-    "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7",
-)
 BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-5
 
@@ -180,10 +179,6 @@ def _normalize_batch_bwd(res, g):
 _normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 
-def _pool_out(h: int, stride: int) -> int:
-    return (h + 2 - 3) // stride + 1
-
-
 def avg_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
     """3x3 average pool, pad 1, count_include_pad=False."""
     pads = ((0, 0), (1, 1), (1, 1), (0, 0))
@@ -199,14 +194,37 @@ def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pads)
 
 
-# ---------------------------------------------------------------------------------------------- the ops
+# ---------------------------------------------------------------------------------------------- the registry
+
+# How a parameter's channels follow the stage width when growth widens it (growth.widen); one role per parameter
+# of an op. C is the width of the activation the op reads and writes.
+DEPTHWISE = "depthwise"  # [k, k, 1, C]: one filter per channel
+FULL = "full"  # [kh, kw, C, C]: every input channel to every output channel
+REDUCE_LOW = "reduce_low"  # FactorizedReduce conv1 [1, 1, C, C//2]: writes output channels [0, C//2)
+REDUCE_HIGH = "reduce_high"  # FactorizedReduce conv2 [1, 1, C, C - C//2]: writes output channels [C//2, C)
+
 
 @dataclass(frozen=True)
 class OpDef:
-    """``init(key, C, stride) -> (params, stats)``; ``apply(params, stats, x, stride, train) -> (y, stats)``."""
+    """One primitive. ``init(key, C, stride) -> (params, stats)``; ``apply(params, stats, x, stride, train) ->
+    (y, stats)``. ``parameter_free``: counted as a parameter-free choice by the genotype's cap
+    (``arch.derive_genotype``). ``channel_roles``: the widening role of each parameter ``init`` may create."""
     name: str
     init: Callable[[jax.Array, int, int], tuple[Params, Stats]]
     apply: Callable[..., tuple[jax.Array, Stats]]
+    parameter_free: bool = False
+    channel_roles: Mapping[str, str] = field(default_factory=dict)
+
+
+OP_REGISTRY: dict[str, OpDef] = {}
+
+
+def register_op(op: OpDef) -> OpDef:
+    """Add ``op`` to :data:`OP_REGISTRY` under its name (a name may be registered once)."""
+    if op.name in OP_REGISTRY:
+        raise ValueError(f"op {op.name!r} is already registered")
+    OP_REGISTRY[op.name] = op
+    return op
 
 
 def _none_init(key, c, stride):
@@ -219,6 +237,9 @@ def _none_apply(p, s, x, stride, train):
     return jnp.zeros_like(x), s
 
 
+register_op(OpDef("none", _none_init, _none_apply, parameter_free=True))
+
+
 def _pool_init(key, c, stride):
     return {}, {"bn": bn_stats_init(c)}
 
@@ -228,6 +249,10 @@ def _pool_apply(pool):
         y, bn = batch_norm(pool(x, stride), s["bn"], train)
         return y, {"bn": bn}
     return apply
+
+
+register_op(OpDef("avg_pool_3x3", _pool_init, _pool_apply(avg_pool_3x3), parameter_free=True))
+register_op(OpDef("max_pool_3x3", _pool_init, _pool_apply(max_pool_3x3), parameter_free=True))
 
 
 def _skip_init(key, c, stride):
@@ -250,6 +275,10 @@ def _skip_apply(p, s, x, stride, train):
     return y, {"bn": bn}
 
 
+register_op(OpDef("skip_connect", _skip_init, _skip_apply, parameter_free=True,
+                  channel_roles={"conv1": REDUCE_LOW, "conv2": REDUCE_HIGH}))
+
+
 def _sep_init(k):
     def init(key, c, stride):
         ks = jax.random.split(key, 4)
@@ -268,6 +297,12 @@ def _sep_apply(p, s, x, stride, train):
     return y, {"bn1": bn1, "bn2": bn2}
 
 
+_SEP_ROLES = {"dw1": DEPTHWISE, "pw1": FULL, "dw2": DEPTHWISE, "pw2": FULL}
+register_op(OpDef("sep_conv_3x3", _sep_init(3), _sep_apply, channel_roles=_SEP_ROLES))
+register_op(OpDef("sep_conv_5x5", _sep_init(5), _sep_apply, channel_roles=_SEP_ROLES))
+register_op(OpDef("sep_conv_7x7", _sep_init(7), _sep_apply, channel_roles=_SEP_ROLES))
+
+
 def _dil_init(k):
     def init(key, c, stride):
         k1, k2 = jax.random.split(key)
@@ -280,6 +315,11 @@ def _dil_apply(p, s, x, stride, train):
     y = conv2d(depthwise_conv(relu(x), p["dw"], stride, dilation=2), p["pw"])
     y, bn = batch_norm(y, s["bn"], train)
     return y, {"bn": bn}
+
+
+_DIL_ROLES = {"dw": DEPTHWISE, "pw": FULL}
+register_op(OpDef("dil_conv_3x3", _dil_init(3), _dil_apply, channel_roles=_DIL_ROLES))
+register_op(OpDef("dil_conv_5x5", _dil_init(5), _dil_apply, channel_roles=_DIL_ROLES))
 
 
 def _conv71_init(key, c, stride):
@@ -295,6 +335,9 @@ def _conv71_apply(p, s, x, stride, train):
     return y, {"bn": bn}
 
 
+register_op(OpDef("conv_7x1_1x7", _conv71_init, _conv71_apply, channel_roles={"conv1x7": FULL, "conv7x1": FULL}))
+
+
 def _conv3_init(key, c, stride):
     return {"conv": conv_init(key, 3, 3, c, c)}, {"bn": bn_stats_init(c)}
 
@@ -306,18 +349,4 @@ def _conv3_apply(p, s, x, stride, train):
     return y, {"bn": bn}
 
 
-OP_REGISTRY: dict[str, OpDef] = {
-    "none": OpDef("none", _none_init, _none_apply),
-    "avg_pool_3x3": OpDef("avg_pool_3x3", _pool_init, _pool_apply(avg_pool_3x3)),
-    "max_pool_3x3": OpDef("max_pool_3x3", _pool_init, _pool_apply(max_pool_3x3)),
-    "skip_connect": OpDef("skip_connect", _skip_init, _skip_apply),
-    "sep_conv_3x3": OpDef("sep_conv_3x3", _sep_init(3), _sep_apply),
-    "sep_conv_5x5": OpDef("sep_conv_5x5", _sep_init(5), _sep_apply),
-    "sep_conv_7x7": OpDef("sep_conv_7x7", _sep_init(7), _sep_apply),
-    "dil_conv_3x3": OpDef("dil_conv_3x3", _dil_init(3), _dil_apply),
-    "dil_conv_5x5": OpDef("dil_conv_5x5", _dil_init(5), _dil_apply),
-    "conv_7x1_1x7": OpDef("conv_7x1_1x7", _conv71_init, _conv71_apply),
-    "conv_3x3": OpDef("conv_3x3", _conv3_init, _conv3_apply),
-}
-
-PARAMETER_FREE = ("none", "avg_pool_3x3", "max_pool_3x3", "skip_connect")
+register_op(OpDef("conv_3x3", _conv3_init, _conv3_apply, channel_roles={"conv": FULL}))

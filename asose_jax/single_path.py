@@ -1,12 +1,10 @@
-"""Host-dispatched single-path steps: the fast ``single`` mode on GPUs.
+"""Host-dispatched single-path steps: the ``single`` mode without conditionals.
 
 XLA runs a ``lax.switch`` on the GPU by copying the branch index to the host and waiting for the
 stream, so a supernet with one conditional per mixed op (forward and backward) stalls the pipeline
-many times per step (a first probe measured 30-90 ms per step for the `original` net on an H100; see
-docs/benchmarks.md). Since ``mixed_op.switched`` the one-program switch path is faster per step
-(2.8-3.2 ms against this engine's 4.7-7.7 ms, same net and card), but it recompiles the whole step after
-every growth, while the programs here are cached per block shape and op and survive a growth; this
-engine stays the default.
+many times per step. The one-program switch path (``mixed_op.switched``) is faster per step, but it recompiles
+the whole step after every growth, while the programs here are cached per block shape and op and survive a
+growth; this engine stays the default (docs/benchmarks.md compares the two).
 
 Here the host draws each step's op choices itself (Gumbel noise from ``numpy`` seeded by
 ``(seed, step)``; alpha is fetched once per weight phase, and after every arch step) and dispatches
@@ -21,8 +19,7 @@ coefficient ``(onehot - stop_gradient(soft) + soft)[idx]`` (1 forward), so dL/da
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +30,8 @@ from asose_jax.arch import straight_through
 from asose_jax.config import Config
 from asose_jax.data import augment_batch, normalize
 from asose_jax.model import BlockSpec, NetSpec, apply_block, apply_head, conv_bn_relu
-from asose_jax.steps import (TrainState, add_to_sums, arch_optimizer, compute_dtype, cross_entropy, global_norm,
-                             weight_optimizer)
+from asose_jax.train_state import (TrainState, apply_alpha_grads, apply_weight_grads, arch_optimizer, compute_dtype,
+                                   cross_entropy, tau_schedule, weight_optimizer)
 
 
 def gumbel_noise(seed: int, step: int, shape: tuple[int, int]) -> np.ndarray:
@@ -62,44 +59,38 @@ def _apply_vjp(vjp_fn, cotangent):
     return vjp_fn(cotangent)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _weight_update(cfg: Config, steps_per_epoch: int, state: TrainState, grads, stats, loss, correct, count):
+    return apply_weight_grads(state, weight_optimizer(cfg, steps_per_epoch), grads, stats, loss, correct, count)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _alpha_update(cfg: Config, state: TrainState, g_alpha, stats, loss, correct, count):
+    return apply_alpha_grads(state, arch_optimizer(cfg), g_alpha, stats, loss, correct, count)
+
+
 class SinglePathSteps:
-    """Drop-in for :class:`asose_jax.steps.Steps` in ``single`` mode: same ``sample`` / ``weight_step`` /
-    ``arch_step`` signatures, with choices held on the host.
+    """The host-dispatched engine of :class:`asose_jax.steps.Steps` in ``single`` mode, with choices held on the
+    host (``{"idx": [rows], "noise": [rows, ops]}``).
 
     Each block program receives only the weights and BN statistics of its input conv and of the ops
     chosen for it, and is cached by ``(ops, BlockSpec, choice)`` at module level: blocks of equal shape
     share programs, and so does the net rebuilt after a growth. The gradients of the ops not chosen are
     zeros allocated once per spec, so the optimizer update sees the whole tree (momentum and weight decay
-    apply to every weight, as in the one-program implementation)."""
+    apply to every weight, as in the one-program implementation). ``eval_batch``: the one-program evaluation,
+    used unless ``mixed_op.eval_mode`` is ``argmax`` (then the argmax net is dispatched like training)."""
 
-    def __init__(self, spec: NetSpec, cfg: Config, steps_per_epoch: int, tau_fn, eval_batch):
-        self.spec, self.cfg = spec, cfg
+    def __init__(self, spec: NetSpec, cfg: Config, steps_per_epoch: int, eval_batch: Callable):
+        self.spec, self.cfg, self.steps_per_epoch = spec, cfg, steps_per_epoch
         self.dtype = compute_dtype(cfg)
-        self.tau, self.eval_batch = tau_fn, eval_batch
-        self.w_tx, self.a_tx = weight_optimizer(cfg, steps_per_epoch), arch_optimizer(cfg)
+        self.tau = tau_schedule(cfg)
+        self.eval_batch = self._eval_argmax if cfg.mixed_op.eval_mode == "argmax" else eval_batch
         self._alpha: np.ndarray | None = None  # host copy; None = refetch before the next sample
         self._step: int | None = None  # host mirror of state.step
         self._tau_value: float | None = None
         self._zeros: list | None = None  # per block: zero gradients of every op of every path (device)
         self._ones = [jnp.ones((b.n_paths,), jnp.float32) for b in spec.blocks]  # weight-step coefficients
         self._split_coeff = jax.jit(lambda c: [c[o:o + b.n_paths] for b, o in zip(spec.blocks, spec.row_offsets())])
-        self._w_update = jax.jit(self._weight_update, donate_argnums=0)
-        self._a_update = jax.jit(self._arch_update, donate_argnums=0)
-        if cfg.mixed_op.eval_mode == "argmax":  # the argmax net, dispatched like training (no conditional)
-            self.eval_batch = self._eval_argmax
-
-    # ------------------------------------------------------------------------------ jitted pieces
-    def _weight_update(self, state: TrainState, grads, stats, loss, correct, batch):
-        updates, w_opt = self.w_tx.update(grads, state.w_opt, state.params)
-        sums = add_to_sums(state.sums, loss, correct, batch, global_norm(grads))
-        return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats, w_opt=w_opt,
-                             step=state.step + 1, sums=sums)
-
-    def _arch_update(self, state: TrainState, g_alpha, stats, loss, correct, batch):
-        updates, a_opt = self.a_tx.update(g_alpha, state.a_opt, state.alpha)
-        sums = add_to_sums(state.sums, loss, correct, batch)
-        return state.replace(alpha=optax.apply_updates(state.alpha, updates), batch_stats=stats, a_opt=a_opt,
-                             step=state.step + 1, sums=sums)
 
     # ------------------------------------------------------------------------------ host side
     def _sync(self, state: TrainState) -> None:
@@ -122,7 +113,7 @@ class SinglePathSteps:
 
     arch_sample = sample
 
-    def forget_host_state(self) -> None:
+    def after_other_arch_step(self) -> None:
         """Alpha and the step counter changed outside these steps: refetch them before the next sample."""
         self._alpha, self._step = None, None
 
@@ -132,14 +123,13 @@ class SinglePathSteps:
         spec, d = self.spec, self.cfg.data
         h, stem_stats, stem_vjp, y = _stem_fwd(self.dtype, d.crop, d.flip, state.params["stem"],
                                                state.batch_stats["stem"], state.key, state.step, x_all, y_all, perm, i)
-        vjps, block_stats, chosen = [], [], []
+        vjps, block_stats = [], []
         for b, (block, off) in enumerate(zip(spec.blocks, spec.row_offsets())):
             ch = tuple(int(c) for c in choice["idx"][off:off + block.n_paths])
             names = [spec.ops[c] for c in ch]
             prm, old = state.params["blocks"][b], state.batch_stats["blocks"][b]
             (h, new), vjp = _block_fwd(spec.ops, block, ch, _chosen(prm, names), _chosen(old, names), h, coeffs[b])
             vjps.append(vjp)
-            chosen.append(names)
             block_stats.append(_merge(old, new))
         loss, correct, g_head, g_h = _head_fwd_bwd(self.cfg.optim.label_smoothing, state.params["head"], h, y)
         g_blocks, g_coeff = [None] * len(spec.blocks), []
@@ -156,7 +146,7 @@ class SinglePathSteps:
         self._sync(state)
         loss, correct, grads, stats, _ = self._forward_backward(state, x_all, y_all, perm, i, choice, self._ones)
         self._step += 1
-        return self._w_update(state, grads, stats, loss, correct, perm.shape[1])
+        return _weight_update(self.cfg, self.steps_per_epoch, state, grads, stats, loss, correct, perm.shape[1])
 
     def arch_step(self, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
         self._sync(state)
@@ -166,31 +156,7 @@ class SinglePathSteps:
         (g_alpha,) = _apply_vjp(coeff_vjp, _concat(g_coeff))
         self._step += 1
         self._alpha = None  # alpha changes: refetch before the next sample (the step is mirrored)
-        return self._a_update(state, g_alpha, stats, loss, correct, perm.shape[1])
-
-    def precompile(self, state: TrainState, batch: int, eval_batch: int, workers: int) -> None:
-        """Compile every block program (forward, backward, argmax eval) for every op before the first step,
-        one thread per op, ``workers`` at a time: XLA compiles outside the GIL, so the ~2 x ops x distinct
-        block shapes small programs of a search compile in parallel instead of one by one inside the first
-        epoch. Runs each program once on zeros; ``state`` is read, not changed."""
-        spec = self.spec
-        c0 = spec.stem_channels
-
-        def one_op(o: int) -> None:
-            h = jnp.zeros((batch, 32, 32, c0), self.dtype)
-            h_eval = jnp.zeros((eval_batch, 32, 32, c0), self.dtype)
-            for b, block in enumerate(spec.blocks):
-                ch, names = (o,) * block.n_paths, [spec.ops[o]] * block.n_paths
-                prm = _chosen(state.params["blocks"][b], names)
-                st = _chosen(state.batch_stats["blocks"][b], names)
-                (out, _), vjp = _block_fwd(spec.ops, block, ch, prm, st, h, self._ones[b])
-                _apply_vjp(vjp, jnp.zeros_like(out))
-                h_eval = _block_eval(spec.ops, block, ch, prm, st, h_eval)
-                h = out
-            jax.block_until_ready((h, h_eval))
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one_op, range(len(spec.ops))))
+        return _alpha_update(self.cfg, state, g_alpha, stats, loss, correct, perm.shape[1])
 
     def _eval_argmax(self, state: TrainState, x_u8, y, mask):
         """Sums of (loss, correct) over the unmasked examples of one batch: argmax(alpha) op per row,

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asose_jax import growth, model, steps
+from asose_jax import growth, model, steps, train_state
 from asose_jax.config import Config, DataConfig, GrowthConfig, ModelConfig
-from asose_jax.ops import PRIMITIVES
+from asose_jax.ops import OP_REGISTRY, PRIMITIVES
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "conv_7x1_1x7")
 C0, L, HW, B, SPE = 8, 4, 32, 4, 2
@@ -60,13 +60,13 @@ def _param_value(path, s, rng):
 
 
 def make_state(spec, cfg, seed=0):
-    """A TrainState with exactly the structure ``steps.create_train_state`` builds (its ``eval_shape``:
+    """A TrainState with exactly the structure ``train_state.create_train_state`` builds (its ``eval_shape``:
     traced, nothing compiled), filled with random host (numpy) values; optimizer states zero, as
     ``tx.init`` makes them. Eager init would compile one kernel per weight shape (~10 s here)."""
-    shapes = jax.eval_shape(lambda k: steps.create_train_state(k, spec, cfg, SPE), jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: train_state.create_train_state(k, spec, cfg, SPE), jax.random.key(0))
     rng = np.random.RandomState(seed)
     zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)  # noqa: E731
-    state = steps.TrainState(
+    state = train_state.TrainState(
         params=jax.tree_util.tree_map_with_path(lambda p, s: _param_value(p, s, rng), shapes.params),
         batch_stats=randomize_stats(shapes.batch_stats, rng), alpha=_randn(rng, shapes.alpha.shape, 0.1),
         w_opt=zeros(shapes.w_opt), a_opt=zeros(shapes.a_opt), key=jax.random.key(seed),
@@ -141,7 +141,7 @@ def check_common(cfg, spec, state, new_spec, new_state):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     assert_trees_equal(state.sums, new_state.sums)
-    w_tx, a_tx = steps.weight_optimizer(cfg, SPE), steps.arch_optimizer(cfg)
+    w_tx, a_tx = train_state.weight_optimizer(cfg, SPE), train_state.arch_optimizer(cfg)
     for opt, tx, params in ((new_state.w_opt, w_tx, new_state.params), (new_state.a_opt, a_tx, new_state.alpha)):
         template = jax.eval_shape(tx.init, params)
         assert jax.tree.structure(opt) == jax.tree.structure(template)
@@ -341,7 +341,7 @@ def test_deepen_original_skip_prob(p):
     else:
         assert np.isclose(margin, np.log(p / (1 - p) * (len(OPS) - 1)), rtol=1e-6)
     gcfg = dataclasses.replace(cfg, growth=GrowthConfig(deepen_skip_prob=p))
-    g_spec, g_state, info = growth.grow("deepen", spec, state, jax.random.key(5), gcfg)
+    g_spec, g_state, info = growth.grow("deepen", spec, state, jax.random.key(5), gcfg.growth)
     assert_skip_row(np.asarray(g_state.alpha[g_spec.row_offsets()[info["position"]]]), state.alpha, OPS, p)
 
 
@@ -355,8 +355,8 @@ def test_skip_row_ten_ops(p):
 # ---------------------------------------------------------------------------------------------- more
 
 def test_widen_all_ops_dense_with_factorized_reduce():
-    """Every primitive (and conv_3x3) in dense mode through a widened stride-2 stage of ``original``."""
-    ops = PRIMITIVES + ("conv_3x3",)
+    """Every registered op in dense mode through a widened stride-2 stage of ``original``."""
+    ops = tuple(OP_REGISTRY)
     cfg, spec, state = _trained("original", ops, train=False)
     new_spec, new_state = growth.widen(spec, state, 1, 1.3, jax.random.key(3))
     assert new_spec.blocks[1].c_out == 21
@@ -393,9 +393,9 @@ def test_growth_chain_then_train(skeleton):
 def test_grow_dispatch_reproducible():
     cfg, spec, state = trained("resnet")
     x = test_input()
-    for i, kind in enumerate(growth.KINDS):
+    for i, kind in enumerate(growth.GROWTHS):
         key = jax.random.key(100 + i)
-        s1, st1, info1 = growth.grow(kind, spec, state, key, cfg)
+        s1, st1, info1 = growth.grow(kind, spec, state, key, cfg.growth)
         s2, st2, info2 = growth.grow(kind, spec, state, key, cfg.growth)
         assert info1 == info2 and s1 == s2
         assert_trees_equal(st1.params, st2.params)
@@ -404,7 +404,7 @@ def test_grow_dispatch_reproducible():
         assert info1["params_before"] == model.count_params(state.params)
         assert growth.max_abs_logit_diff(spec, state, s1, st1, x) <= TOL
     with pytest.raises(ValueError):
-        growth.grow("shrink", spec, state, jax.random.key(0), cfg)
+        growth.grow("shrink", spec, state, jax.random.key(0), cfg.growth)
 
 
 def test_errors_and_feasibility():
@@ -419,8 +419,8 @@ def test_errors_and_feasibility():
         with pytest.raises(ValueError, match="skip_prob"):
             growth.deepen(ospec, ostate, 0, jax.random.key(0), skip_prob=p)
     with pytest.raises(ValueError):
-        growth.grow("deepen", spec, state, jax.random.key(0), cfg)
-    assert "deepen" not in growth.feasible_kinds(spec, state, cfg)
+        growth.grow("deepen", spec, state, jax.random.key(0), cfg.growth)
+    assert "deepen" not in growth.feasible_kinds(spec, state, cfg.growth)
     with pytest.raises(ValueError):
         growth.widened_channels(8, 1.0)
     assert growth.widened_channels(10, 1.1) == 11 and growth.widened_channels(8, 1.625) == 13
@@ -431,12 +431,12 @@ def test_errors_and_feasibility():
     rspec = model.build_spec("resnet", C0, L, OPS)
     rcfg = dataclasses.replace(make_cfg("resnet"), growth=GrowthConfig(max_depth=L))
     rstate = make_state(rspec, rcfg)
-    assert growth.feasible_kinds(rspec, rstate, rcfg) == ("widen", "branch")
+    assert growth.feasible_kinds(rspec, rstate, rcfg.growth) == ("widen", "branch")
     with pytest.raises(ValueError, match="max_depth"):
-        growth.grow("deepen", rspec, rstate, jax.random.key(0), rcfg)
+        growth.grow("deepen", rspec, rstate, jax.random.key(0), rcfg.growth)
     capped = dataclasses.replace(rcfg, growth=GrowthConfig(depth_param_cap=model.count_params(rstate.params)))
-    assert "deepen" not in growth.feasible_kinds(rspec, rstate, capped)
-    assert "deepen" in growth.feasible_kinds(rspec, rstate, make_cfg("resnet"))
+    assert "deepen" not in growth.feasible_kinds(rspec, rstate, capped.growth)
+    assert "deepen" in growth.feasible_kinds(rspec, rstate, make_cfg("resnet").growth)
     # the stage structure of the skeletons
     assert [(x.producer, x.blocks, x.channels, x.consumer) for x in growth.stages(spec)] == [
         (-1, (0,), 8, 1), (1, (1,), 16, 2), (2, (2, 3), 32, None)]
@@ -444,7 +444,7 @@ def test_errors_and_feasibility():
     with pytest.raises(ValueError):
         growth.transfer_opt_state((jnp.zeros((3,)),), {"w": jnp.zeros((2,))}, lambda t, n: t)
     # with tx: the carried state is checked against tx.init(new params)
-    tx = steps.weight_optimizer(cfg, SPE)
+    tx = train_state.weight_optimizer(cfg, SPE)
     params = {"w": jnp.ones((2,))}
     opt = tx.init(params)
     new = growth.transfer_opt_state(opt, params, lambda t, n: {"w": jnp.concatenate([t["w"], n])},

@@ -13,6 +13,7 @@ is an upper bound, so the runtime tests below show the skipping itself: the comp
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import re
 
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from asose_jax import arch, mixed_op, model, ops
-from asose_jax.ops import OP_REGISTRY, PRIMITIVES, OpDef
+from asose_jax.ops import OP_REGISTRY, PRIMITIVES
 
 OPS = PRIMITIVES
 NUM = len(OPS)
@@ -179,12 +180,26 @@ def test_precomputed_choice_matches_internal(path, mode, k):
 
 def test_rows_vmapped_select_matches_per_row():
     w = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (4, NUM)), -1)
-    for mode in ("single", "topk", "threshold", "argmax", "dense"):
+    for mode in mixed_op.MODES:
         rows = mixed_op.select_rows(w, mode, 3, 0.01)
         for r in range(4):
             chex.assert_trees_all_close(jax.tree.map(lambda a: a[r], rows), mixed_op.select(w[r], mode, 3, 0.01))
         choices = mixed_op.choose_rows(w, mode, 3, 0.01)
         chex.assert_trees_all_close(mixed_op.select_rows(w, mode, 3, 0.01, choices), rows)
+
+
+def test_mode_table():
+    """The modes the config may name, and what each tells the steps: sampling, eval weights, engine, trainable."""
+    assert tuple(mixed_op.MODES) == ("dense", "single", "topk", "threshold", "argmax")
+    assert "fixed" not in mixed_op.MODES and mixed_op.mode_named("fixed") is mixed_op.FIXED
+    assert {n for n, m in mixed_op.MODES.items() if m.sampling == "hard"} == {"single"}
+    assert {n for n, m in mixed_op.MODES.items() if m.host_dispatch} == {"single"}
+    assert {n for n, m in mixed_op.MODES.items() if not m.trainable} == {"argmax"}
+    alpha = jax.random.normal(jax.random.PRNGKey(0), (3, NUM))
+    chex.assert_trees_all_equal(mixed_op.MODES["argmax"].eval_weights(alpha), alpha)
+    chex.assert_trees_all_close(mixed_op.MODES["topk"].eval_weights(alpha), jax.nn.softmax(alpha, -1))
+    with pytest.raises(ValueError, match="unknown mixed-op mode"):
+        mixed_op.choose(alpha[0], "sometimes")
 
 
 # ---------------------------------------------------------------------------------------------- gradients
@@ -325,7 +340,7 @@ def counted_ops(monkeypatch):
         def apply(p, s, x, stride, train, op=op, name=name):
             jax.debug.callback(lambda: counts.update([name]))
             return op.apply(p, s, x, stride, train)
-        monkeypatch.setitem(OP_REGISTRY, name, OpDef(name, op.init, apply))
+        monkeypatch.setitem(OP_REGISTRY, name, dataclasses.replace(op, apply=apply))
     return counts
 
 

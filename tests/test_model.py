@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from asose_jax import config as config_lib
-from asose_jax import mixed_op, model, steps
+from asose_jax import mixed_op, model, train_state
 from asose_jax.model import BlockSpec, NetSpec
 from asose_jax.ops import PRIMITIVES
 
@@ -55,7 +55,7 @@ def test_original_preset_weight_count():
     assert spec.ops == PRIMITIVES
     params, stats = abstract_net(spec)
     assert model.count_params(params) == 937_258
-    state = jax.eval_shape(lambda k: steps.create_train_state(k, spec, cfg, 10), jax.random.PRNGKey(0))
+    state = jax.eval_shape(lambda k: train_state.create_train_state(k, spec, cfg, 10), jax.random.PRNGKey(0))
     chex.assert_shape(state.alpha, (4, 10))
     assert state.alpha.size == 40
     assert model.count_params(state.params) + state.alpha.size == 937_298

@@ -11,7 +11,7 @@ import pytest
 from asose_jax import ops
 from asose_jax.ops import OP_REGISTRY, PRIMITIVES
 
-ALL_OPS = PRIMITIVES + ("conv_3x3",)
+ALL_OPS = tuple(OP_REGISTRY)
 _DEFAULT_IMPL = ops.DEPTHWISE_IMPL["impl"]
 N, H, C = 2, 8, 6
 
@@ -34,8 +34,27 @@ def depthwise_impl():
 def test_registry_order_and_names():
     assert PRIMITIVES == ("none", "avg_pool_3x3", "max_pool_3x3", "skip_connect", "sep_conv_3x3",
                           "sep_conv_5x5", "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7")
-    assert set(ALL_OPS) == set(OP_REGISTRY)
-    assert "conv_3x3" not in PRIMITIVES
+    assert ALL_OPS[:len(PRIMITIVES)] == PRIMITIVES and "conv_3x3" in ALL_OPS and "conv_3x3" not in PRIMITIVES
+    assert all(OP_REGISTRY[name].name == name for name in ALL_OPS)
+    assert [n for n in ALL_OPS if OP_REGISTRY[n].parameter_free] == ["none", "avg_pool_3x3", "max_pool_3x3",
+                                                                     "skip_connect"]
+    with pytest.raises(ValueError, match="already registered"):
+        ops.register_op(OP_REGISTRY["none"])
+
+
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_every_parameter_has_a_channel_role(name):
+    """What growth's widen reads: each weight an op creates, at either stride, has a role fitting its shape."""
+    op = OP_REGISTRY[name]
+    for stride in (1, 2):
+        params, _ = jax.eval_shape(lambda k, op=op, stride=stride: op.init(k, C, stride), jax.random.PRNGKey(0))
+        for pname, w in params.items():
+            role = op.channel_roles.get(pname)
+            expect = {ops.DEPTHWISE: (1, C), ops.FULL: (C, C), ops.REDUCE_LOW: (C, C // 2),
+                      ops.REDUCE_HIGH: (C, C - C // 2)}.get(role)
+            assert expect is not None and w.shape[2:] == expect, (name, stride, pname, role, w.shape)
+        if op.parameter_free and stride == 1:
+            assert not params, name
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -44,7 +44,7 @@ def test_candidates_follow_accuracy_depth_and_cap():
     _, deep = make(layers=8, kinds=ALL)
     assert "deepen" not in policy.candidates(cfg, deep, 30.0)  # depth 8: no deepen under 50 %
     capped = dataclasses.replace(cfg, growth=dataclasses.replace(cfg.growth, depth_param_cap=5))
-    feasible = growth.feasible_kinds(spec, SimpleNamespace(params=params_of_size(10)), capped)
+    feasible = growth.feasible_kinds(spec, SimpleNamespace(params=params_of_size(10)), capped.growth)
     assert feasible == ("widen", "branch")  # 10 weights >= the cap of 5: no deepen
     draws = {policy.decide(capped, spec, jax.random.PRNGKey(s), 4, [10.0, 20.0, 30.0, 40.0], [], 0, feasible)
              for s in range(20)}

@@ -333,7 +333,7 @@ def test_grown_state_round_trips(smoke_run, tmp_path, kinds):
     run = smoke_run(tmp_path)
     run.init_state()
     for i, kind in enumerate(kinds):
-        run.spec, run.state, _ = growth.grow(kind, run.spec, run.state, jax.random.PRNGKey(i), run.cfg)
+        run.spec, run.state, _ = growth.grow(kind, run.spec, run.state, jax.random.PRNGKey(i), run.cfg.growth)
     run.save()
     run.ckpt.wait()
     again = smoke_run(tmp_path)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asose_jax import model, steps
+from asose_jax import model, steps, train_state
 from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
-from asose_jax.single_path import SinglePathSteps, _block_eval, _block_fwd, gumbel_noise
+from asose_jax.single_path import SinglePathSteps, gumbel_noise
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
 
@@ -19,7 +19,7 @@ def _setup(dispatch: str, skeleton: str, channels: int = 4):
                               mixed_op=MixedOpConfig(mode="single", dispatch=dispatch),
                               data=DataConfig(crop=False, flip=False, batch_size=8))
     spec = model.build_spec(skeleton, channels, 3, OPS)
-    state = jax.jit(steps.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, 4)
+    state = jax.jit(train_state.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, 4)
     alpha = np.full((spec.num_rows, len(OPS)), -30.0, np.float32)
     alpha[:, 3] = 30.0  # peaked: every row picks sep_conv_3x3 ...
     alpha[1] = -30.0
@@ -87,23 +87,6 @@ def test_host_argmax_eval_matches_one_program_eval(batch, skeleton):
     ref_loss, ref_correct = one_program.eval_batch(state, x, y, mask)
     np.testing.assert_allclose(float(host_loss), float(ref_loss), rtol=1e-5)
     assert int(host_correct) == int(ref_correct)
-
-
-def test_precompile_compiles_every_block_program_ahead(batch):
-    """After precompile, a weight step, an arch step and an argmax eval with any ops compile no block program."""
-    x, y, perm = batch
-    _, spec, state, S = _setup("host", "resnet", channels=6)  # shapes no other test compiles
-    start = _block_fwd._cache_size(), _block_eval._cache_size()
-    S.precompile(state, batch=8, eval_batch=32, workers=2)
-    before = _block_fwd._cache_size(), _block_eval._cache_size()
-    assert before[0] - start[0] == len(OPS) * 3 and before[1] - start[1] == len(OPS) * 3  # 3 block shapes x ops
-    state = state.replace(alpha=jnp.zeros_like(state.alpha))  # uniform: any op may be drawn
-    for i in range(3):
-        state = S.weight_step(state, x, y, perm, i, S.sample(state))
-    state = S.arch_step(state, x, y, perm, 3, S.sample(state))
-    S.eval_batch(state, x, y, jnp.ones((32,), bool))
-    assert (_block_fwd._cache_size(), _block_eval._cache_size()) == before
-    assert np.isfinite(float(state.sums["loss"]))
 
 
 def test_dense_arch_mode_steps_alpha_with_every_op_and_resyncs_the_host_sampler(batch):

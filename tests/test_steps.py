@@ -1,20 +1,17 @@
-"""Tests for asose_jax.steps: what weight_step and arch_step change, that training lowers the loss, the
-LR schedule against PyTorch's CosineAnnealingWarmRestarts, the soft clip, and torch-like optimizer
-semantics (L2 weight decay added to the gradient). Tiny net (C0=8, L=3, 4 ops, batch 16), CPU."""
+"""Tests for asose_jax.steps: what weight_step and arch_step change in each engine, that training lowers the loss,
+and the padded evaluation. Tiny net (C0=8, L=3, 4 ops, batch 16), CPU."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from asose_jax import model, steps
-from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig, OptimConfig
+from asose_jax import model, steps, train_state
+from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
 from asose_jax.data import synthetic_cifar
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
@@ -28,7 +25,7 @@ def tiny_cfg(**mixed) -> Config:
 
 
 def make_state(spec, cfg, seed=0):
-    return jax.jit(steps.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(seed), spec, cfg, SPE)
+    return jax.jit(train_state.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(seed), spec, cfg, SPE)
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +98,10 @@ def test_weight_step_changes_params_not_alpha(trajectory):
     assert math.isfinite(norm) and norm > 0 and float(after.sums["grad_norm_max"]) == pytest.approx(norm, rel=1e-6)
     o = trajectory["cfg"].optim
     clipped = jax.tree.map(lambda t, p: t - o.weight_decay * p, after.w_opt[2].trace, before.params)
-    assert float(steps.global_norm(clipped)) == pytest.approx(min(norm, o.clip_norm), rel=1e-4)
+    assert float(train_state.global_norm(clipped)) == pytest.approx(min(norm, o.clip_norm), rel=1e-4)
     # only the sampled op of each row got a gradient: the others move at most by the L2 decay term
     # (first step: momentum buffer = wd * p), or not at all where the optimizer skips them
-    decay = float(steps.cosine_warm_restarts(0.025, 50, 2, 1e-6)(0)) * trajectory["cfg"].optim.weight_decay
+    decay = float(train_state.cosine_warm_restarts(0.025, 50, 2, 1e-6)(0)) * trajectory["cfg"].optim.weight_decay
     for r, (block, op) in enumerate(zip(after.params["blocks"], chosen_ops(choice))):
         assert OPS[op] != "none"
         for name in OPS:
@@ -152,7 +149,7 @@ def test_loss_decreases_on_a_fixed_batch(switch_steps, data):
     state = state.replace(alpha=state.alpha.at[:, OPS.index("sep_conv_3x3")].set(30.0))
     losses = []
     for i in range(20):
-        state = state.replace(sums=steps.zero_sums())
+        state = state.replace(sums=train_state.zero_sums())
         choice = S.sample(state)
         assert set(chosen_ops(choice)) == {OPS.index("sep_conv_3x3")}
         state = S.weight_step(state, x, y, perm, i % SPE, choice)  # perm's shape as compiled above
@@ -170,139 +167,3 @@ def test_evaluate_pads_the_last_batch(switch_steps, data):
     assert full["acc"] == pytest.approx(padded["acc"])
     assert full["loss"] == pytest.approx(padded["loss"], rel=1e-5)
     assert 0.0 <= full["acc"] <= 100.0
-
-
-# ---------------------------------------------------------------------------------------------- schedules, clip
-
-# torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(SGD(lr=0.025), T_0=50, T_mult=2, eta_min=1e-6),
-# get_last_lr() after `epoch` scheduler steps (torch 2.13.0)
-EPOCHS = (0, 1, 10, 25, 49, 50, 51, 100, 149, 150, 151, 200, 349, 350)
-
-
-def torch_cosine_reference() -> dict[int, float]:
-    torch = pytest.importorskip("torch")
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.025)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=50, T_mult=2, eta_min=1e-6)
-    out = {}
-    for e in range(max(EPOCHS) + 1):
-        if e in EPOCHS:
-            out[e] = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-    return out
-
-
-def closed_form_reference(e: int) -> float:
-    """The same values from the documented formula (used when torch is missing)."""
-    t0, i = 50, 0
-    while e >= t0 * 2 ** i:
-        e -= t0 * 2 ** i
-        i += 1
-    return 1e-6 + (0.025 - 1e-6) * (1 + math.cos(math.pi * e / (t0 * 2 ** i))) / 2
-
-
-def test_cosine_warm_restarts_matches_torch():
-    lr = steps.cosine_warm_restarts(0.025, 50, 2, 1e-6)
-    try:
-        ref = torch_cosine_reference()
-    except pytest.skip.Exception:
-        ref = {e: closed_form_reference(e) for e in EPOCHS}
-    for e in EPOCHS:
-        assert float(lr(e)) == pytest.approx(ref[e], rel=1e-4, abs=1e-8), e
-        assert closed_form_reference(e) == pytest.approx(ref[e], rel=1e-6, abs=1e-10), e
-    assert float(lr(50)) == pytest.approx(0.025, rel=1e-5)  # restart
-    assert float(lr(49)) < 1e-4  # end of the first period
-    lr1 = steps.cosine_warm_restarts(0.1, 10, 1, 0.0)  # t_mult == 1: plain periodic restarts
-    assert float(lr1(10)) == pytest.approx(0.1) and float(lr1(5)) == pytest.approx(0.05, rel=1e-5)
-
-
-def test_soft_clip_formula():
-    tx = steps.soft_clip(5.0)
-    g = {"a": jnp.array([30.0, 40.0]), "b": jnp.zeros((2, 2))}  # global norm 50
-    out, _ = tx.update(g, tx.init(g))
-    norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(v))) for v in jax.tree.leaves(out))))
-    assert norm == pytest.approx(5.0 + 0.1 * (50.0 - 5.0), rel=1e-5)  # 9.5
-    np.testing.assert_allclose(np.asarray(out["a"]), np.array([30.0, 40.0]) * 9.5 / 50.0, rtol=1e-5)
-    small = {"a": jnp.array([3.0, 0.0]), "b": jnp.ones((2, 2))}  # norm sqrt(13) < 5: unchanged
-    out, _ = tx.update(small, tx.init(small))
-    chex.assert_trees_all_close(out, small)
-
-
-# ---------------------------------------------------------------------------------------------- optimizer semantics
-
-def _sgd_reference(p, grads, lrs, momentum, wd):
-    """torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d (buf = d at first); p -= lr * buf."""
-    buf = None
-    for g, lr in zip(grads, lrs):
-        d = g + wd * p
-        buf = d if buf is None else momentum * buf + d
-        p = p - lr * buf
-    return p
-
-
-def test_weight_optimizer_is_torch_sgd_with_l2():
-    cfg = dataclasses.replace(tiny_cfg(), optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.05,
-                                                            clip_norm=1e6, t0_epochs=2, t_mult=2, min_lr=1e-3))
-    spe = 3
-    tx = steps.weight_optimizer(cfg, spe)
-    rng = np.random.default_rng(0)
-    p0 = rng.standard_normal(4).astype(np.float32)
-    grads = [rng.standard_normal(4).astype(np.float32) for _ in range(10)]
-    p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
-    for g in grads:
-        u, state = tx.update(jnp.asarray(g), state, p)
-        p = optax.apply_updates(p, u)
-    sched = steps.cosine_warm_restarts(0.1, 2, 2, 1e-3)
-    lrs = [float(sched(i // spe)) for i in range(10)]  # constant within an epoch, stepped per epoch
-    assert lrs[:6] == [lrs[0]] * 3 + [lrs[3]] * 3 and lrs[3] < lrs[0] and lrs[6] == lrs[0]  # restart at epoch 2
-    np.testing.assert_allclose(np.asarray(p), _sgd_reference(p0, grads, lrs, 0.9, 0.05), rtol=1e-5, atol=1e-6)
-    torch = pytest.importorskip("torch")
-    tp = torch.nn.Parameter(torch.tensor(p0))
-    opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=0.05)
-    sch = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2, eta_min=1e-3)
-    for i, g in enumerate(grads):
-        tp.grad = torch.tensor(g)
-        opt.step()
-        if (i + 1) % spe == 0:
-            sch.step()
-    np.testing.assert_allclose(np.asarray(p), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-def test_arch_optimizer_is_torch_adam_with_l2():
-    cfg = tiny_cfg()
-    a = cfg.arch
-    tx = steps.arch_optimizer(cfg)
-    rng = np.random.default_rng(1)
-    p0 = rng.standard_normal((2, 3)).astype(np.float32)
-    grads = [rng.standard_normal((2, 3)).astype(np.float32) for _ in range(5)]
-    p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
-    for g in grads:
-        u, state = tx.update(jnp.asarray(g), state, p)
-        p = optax.apply_updates(p, u)
-    # torch.optim.Adam (not AdamW): d = g + wd * p, then the usual bias-corrected Adam step
-    ref, m, v = p0.astype(np.float64), 0.0, 0.0
-    for t, g in enumerate(grads, start=1):
-        d = g + a.weight_decay * ref
-        m = a.b1 * m + (1 - a.b1) * d
-        v = a.b2 * v + (1 - a.b2) * d * d
-        ref = ref - a.lr * (m / (1 - a.b1 ** t)) / (np.sqrt(v / (1 - a.b2 ** t)) + 1e-8)
-    np.testing.assert_allclose(np.asarray(p), ref, rtol=1e-5, atol=1e-7)
-    torch = pytest.importorskip("torch")
-    tp = torch.nn.Parameter(torch.tensor(p0))
-    opt = torch.optim.Adam([tp], lr=a.lr, betas=(a.b1, a.b2), weight_decay=a.weight_decay)
-    for g in grads:
-        tp.grad = torch.tensor(g)
-        opt.step()
-    np.testing.assert_allclose(np.asarray(p), tp.detach().numpy(), rtol=1e-5, atol=1e-7)
-
-
-def test_gradient_clipping_applies_before_weight_decay():
-    """clip (global norm 5) acts on the raw gradient; the L2 term is added after it, as in torch's
-    clip_grad_norm_ followed by SGD(weight_decay=...)."""
-    cfg = dataclasses.replace(tiny_cfg(), optim=OptimConfig(lr=1.0, momentum=0.0, weight_decay=0.5, clip_norm=5.0,
-                                                            schedule="constant"))
-    tx = steps.weight_optimizer(cfg, 1)
-    p = jnp.array([1.0, 1.0])
-    g = jnp.array([30.0, 40.0])
-    u, _ = tx.update(g, tx.init(p), p)
-    np.testing.assert_allclose(np.asarray(u), -(np.array([3.0, 4.0]) + 0.5 * np.array([1.0, 1.0])), rtol=1e-5)
