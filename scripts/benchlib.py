@@ -61,6 +61,7 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
     from asose_jax import model
     from asose_jax import steps as steps_lib
     from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
+    from asose_jax.train_state import create_train_state
 
     model_cfg = ModelConfig(skeleton="original", init_channels=32, num_layers=4)
     if ops is not None:
@@ -71,7 +72,7 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
     spec = model.build_spec("original", 32, 4, cfg.model.ops)
     xs, ys = batches_u8(batch, data_dir)
     perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
-    state = jax.jit(steps_lib.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
+    state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
     return spec, jnp.asarray(xs), jnp.asarray(ys), perm, state, steps_lib.make_steps(spec, cfg, N_BATCHES)
 
 
