@@ -25,6 +25,14 @@ Usage::
     python scripts/bench_ops.py --ops sep_conv_7x7,dil_conv_5x5 --shapes 0,1 --precisions bf16
     python scripts/bench_ops.py --shapes 32/32/1,64/16/2         # C/H/stride (square HxH)
     python scripts/bench_ops.py --smoke --out /tmp/b.json --md /tmp/b.md   # CPU smoke check
+    python scripts/bench_ops.py --config configs/cifar10_95.py --no-torch --latency-out latency.json
+    python scripts/bench_ops.py --convert docs/results/bench_ops_h100.json --latency-out docs/results/latency_h100.json
+
+``--latency-out PATH`` also writes the per-op, per-shape latency table that ``arch.cost=latency:PATH`` reads
+(``asose_jax.cost``): one entry per (op, C, H, stride, precision) with the JAX time of the depthwise impl that
+training uses (``jax_auto_ms``). ``--config PATH`` benchmarks the row shapes of that config's initial
+network (``asose_jax.cost.row_shapes``) instead of the default list; ``--convert BENCH.json`` writes the
+table from an earlier run's JSON without timing anything.
 
 torch is optional: ``--no-torch``, or skipped automatically when it cannot be imported.
 """
@@ -111,6 +119,12 @@ def build_argparser() -> argparse.ArgumentParser:
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny CPU check: batch 2, shapes C8 8x8 s1/s2, 1 warm-up, 2 timed calls")
+    ap.add_argument("--config", default=None, metavar="PATH",
+                    help="benchmark the row shapes of this config's initial network (replaces the default list)")
+    ap.add_argument("--latency-out", default=None, metavar="PATH",
+                    help="also write the latency table that arch.cost=latency:PATH reads")
+    ap.add_argument("--convert", default=None, metavar="BENCH_JSON",
+                    help="time nothing: write --latency-out from an earlier run's JSON")
     ap.add_argument("--out", default="docs/results/bench_ops_h100.json", help="JSON output, rewritten after each row (default docs/results/bench_ops_h100.json)")
     ap.add_argument("--md", default="docs/results/bench_ops_h100.md", help="markdown table, rewritten after each row (default docs/results/bench_ops_h100.md)")
     return ap
@@ -368,17 +382,58 @@ def write_outputs(path_json: str | None, path_md: str | None, meta: dict, rows: 
         os.replace(tmp, path_md)
 
 
+def latency_doc(meta: dict, rows: list[dict], source: str) -> dict:
+    """The ``asose_jax.cost`` latency table of a run's rows: forward+backward ms per (op, C, H, stride, precision),
+    the JAX time of the depthwise impl that training picks (``jax_auto_ms``); rows without one are left out."""
+    from asose_jax.cost import LATENCY_FORMAT
+    entries = [{"op": r["op"], "channels": r["C"], "height": r["H"], "stride": r["stride"], "precision": r["prec"],
+                "ms": r["jax_auto_ms"]} for r in rows if r.get("jax_auto_ms") is not None]
+    return {"format": LATENCY_FORMAT, "source": source,
+            "measure": f"median ms of jit(value_and_grad(sum(op(x)))) at batch {meta['args']['batch']}, train-mode "
+                       f"BN, DEPTHWISE_IMPL='auto'",
+            "device": meta["jax_device"], "date": meta["date"], "versions": meta["versions"], "entries": entries}
+
+
+def write_latency(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def config_shapes(path: str) -> list[tuple[int, int, int]]:
+    """(C, H, stride) of every distinct row shape of the initial network of the config at ``path``."""
+    from asose_jax.config import load_config_file
+    from asose_jax.cost import row_shapes
+    from asose_jax.model import build_spec
+    m = load_config_file(path).model
+    spec = build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
+    return list(dict.fromkeys((r.channels, r.height, r.stride) for r in row_shapes(spec)))
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_argparser().parse_args(argv)
+    if args.convert:
+        if not args.latency_out:
+            raise SystemExit("--convert needs --latency-out")
+        with open(args.convert) as fh:
+            bench = json.load(fh)
+        write_latency(args.latency_out, latency_doc(bench["meta"], bench["rows"], args.convert))
+        log(f"[bench_ops] {args.convert} -> {args.latency_out}")
+        return bench["rows"]
     smoke = args.smoke
     batch = args.batch if args.batch is not None else (2 if smoke else 128)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     iters = args.iters if args.iters is not None else (2 if smoke else 20)
     warmup = max(1, warmup)
     iters = max(1, iters)
-    shapes = parse_shapes(args.shapes, smoke)
+    shapes = config_shapes(args.config) if args.config else []
+    if args.shapes or not args.config:
+        shapes += [sh for sh in parse_shapes(args.shapes, smoke) if sh not in shapes]
     workers = max(1, args.compile_workers)
     precs = [p.strip() for p in args.precisions.split(",") if p.strip()]
     for p in precs:
@@ -535,6 +590,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 write_outputs(args.out, args.md, meta, rows, with_cl, done=False)
     meta["elapsed_s"] = time.perf_counter() - t_start
     write_outputs(args.out, args.md, meta, rows, with_cl, done=True)
+    if args.latency_out:
+        source = "scripts/bench_ops.py " + " ".join(meta["args"]["argv"])
+        write_latency(args.latency_out, latency_doc(meta, rows, source))
     log("")
     log(text_table(rows, with_cl))
     log(f"\n[bench_ops] {len(rows)} rows in {meta['elapsed_s']:.1f}s -> {args.out}, {args.md}")

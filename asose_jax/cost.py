@@ -1,0 +1,170 @@
+"""What each op costs in each row of a supernet, and the differentiable expected cost of alpha.
+
+A cost table is a float array ``[rows, num_ops]``: entry ``[r, o]`` is the cost of op ``o`` at the shape of
+alpha row ``r`` (its channels, its op stride and the spatial size of its input). Two sources:
+
+* ``flops``: XLA's cost analysis of the op's forward pass at batch 1 in inference mode, on any machine;
+* ``latency:PATH``: the per-op, per-shape latency JSON that ``scripts/bench_ops.py --latency-out PATH`` writes
+  on the target GPU (forward + backward of the op at the bench's batch size, in ms; the committed example
+  is ``docs/results/latency_h100.json``).
+
+The cost-aware arch loss is ``CE + lambda * expected_cost(alpha, table)`` with
+``expected_cost = sum_r softmax(alpha_r) . table_r``, as FBNet and ProxylessNAS add the expected latency of
+the sampled network. :func:`arch_cost_table` normalises the table by the mean over ops of the whole-net
+cost ``mean_o sum_r table[r, o]``, so the expected cost is 1 at uniform alpha whatever the unit or
+the network size, and ``lambda`` weighs a whole network's relative cost against the cross-entropy.
+
+:func:`network_cost` gives the flops per image and the weights of a genotype's final (fixed-op) network, for
+the records of ``asose_jax.study``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asose_jax.errors import ConfigError
+from asose_jax.model import NetSpec, apply_network, count_params, init_network
+from asose_jax.ops import OP_REGISTRY
+
+LATENCY_FORMAT = "asose_jax.latency/1"
+IMAGE_SIZE = 32  # CIFAR-10 images are 32 x 32
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """The input of one mixed op: ``[N, height, height, channels]``, run at ``stride``."""
+    channels: int
+    height: int
+    stride: int
+
+    def label(self) -> str:
+        return f"C{self.channels} {self.height}x{self.height} s{self.stride}"
+
+
+def _downsampled(height: int, stride: int) -> int:
+    """Spatial size after a 'same'-padded conv or pool of ``stride`` (every op and input conv pads so)."""
+    return -(-height // stride)
+
+
+def row_shapes(spec: NetSpec, image_size: int = IMAGE_SIZE) -> tuple[RowShape, ...]:
+    """The input shape of every alpha row, block by block and path by path (the order of alpha's rows).
+
+    A block's input conv (if any) runs at the block stride; its ops then run at ``op_stride`` on that
+    output (``original`` applies the stride twice, ``resnet`` once)."""
+    shapes, h = [], image_size
+    for block in spec.blocks:
+        h_in = _downsampled(h, block.stride) if block.input_conv else h
+        shapes += [RowShape(block.c_out, h_in, block.op_stride)] * block.n_paths
+        h = _downsampled(h_in, block.op_stride)
+    return tuple(shapes)
+
+
+def forward_flops(fn, *args) -> float:
+    """XLA's flop count of ``jax.jit(fn)(*args)``; ``args`` may be arrays or ``jax.ShapeDtypeStruct``."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per program
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def op_flops(op: str, shape: RowShape) -> float:
+    """Flops of one forward pass of ``op`` at ``shape``, batch 1, inference mode (BN with running statistics)."""
+    opdef = OP_REGISTRY[op]
+    params, stats = jax.eval_shape(lambda k: opdef.init(k, shape.channels, shape.stride), jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((1, shape.height, shape.height, shape.channels), jnp.float32)
+    return forward_flops(lambda p, s, v: opdef.apply(p, s, v, shape.stride, False)[0], params, stats, x)
+
+
+def flops_table(spec: NetSpec, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """``[rows, ops]`` forward flops per image of each op at each row's shape (cached by shape)."""
+    return np.array([[op_flops(op, shape) for op in spec.ops] for shape in row_shapes(spec, image_size)],
+                    np.float64)
+
+
+def network_cost(spec: NetSpec, image_size: int = IMAGE_SIZE) -> tuple[float, int]:
+    """``(flops per image, weights)`` of the fixed-op network ``spec`` (a genotype's final network): XLA's
+    count of one inference-mode forward pass at batch 1, stem and head included. Nothing is allocated."""
+    params, stats = jax.eval_shape(lambda k: init_network(k, spec), jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels), jnp.float32)
+    flops = forward_flops(lambda p, s, v: apply_network(spec, p, s, v, None, "fixed", False)[0], params, stats, x)
+    return flops, count_params(params)
+
+
+# ---------------------------------------------------------------------------------------------- latency tables
+
+def latency_key(op: str, shape: RowShape, precision: str) -> tuple:
+    return op, shape.channels, shape.height, shape.stride, precision
+
+
+def load_latency(path: str | Path) -> dict[tuple, float]:
+    """``{(op, channels, height, stride, precision): ms}`` from a ``scripts/bench_ops.py --latency-out`` JSON."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"arch.cost: latency table {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"arch.cost: latency table {path} is not readable JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != LATENCY_FORMAT:
+        raise ConfigError(f"arch.cost: {path} is not a latency table (format {LATENCY_FORMAT!r}; write one with "
+                          f"scripts/bench_ops.py --latency-out)")
+    table = {}
+    for e in doc.get("entries", []):
+        shape = RowShape(int(e["channels"]), int(e["height"]), int(e["stride"]))
+        table[latency_key(e["op"], shape, e["precision"])] = float(e["ms"])
+    return table
+
+
+def latency_table(spec: NetSpec, path: str | Path, precision: str, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """``[rows, ops]`` measured ms of each op at each row's shape; a shape the table lacks is a ConfigError."""
+    measured = load_latency(path)
+    rows = []
+    for r, shape in enumerate(row_shapes(spec, image_size)):
+        row = []
+        for op in spec.ops:
+            key = latency_key(op, shape, precision)
+            if key not in measured:
+                raise ConfigError(f"arch.cost: latency table {path} has no {precision} entry for {op} at "
+                                  f"{shape.label()} (row {r}); measure it with scripts/bench_ops.py --shapes "
+                                  f"{shape.channels}/{shape.height}/{shape.stride} --latency-out PATH")
+            row.append(measured[key])
+        rows.append(row)
+    return np.array(rows, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- the arch-loss term
+
+def cost_table(spec: NetSpec, source: str, precision: str = "fp32", image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """The raw ``[rows, ops]`` table of ``source``: ``flops`` or ``latency:PATH`` (see the module docstring)."""
+    if source == "flops":
+        return flops_table(spec, image_size)
+    if source.startswith("latency:") and source[len("latency:"):]:
+        return latency_table(spec, source[len("latency:"):], precision, image_size)
+    raise ConfigError(f"arch.cost={source!r} is out of range: allowed flops | latency:PATH")
+
+
+def normalise(table: np.ndarray) -> np.ndarray:
+    """``table / mean_o(sum_r table[r, o])`` as float32: the expected cost at uniform alpha becomes 1.
+
+    A table of zeros (only free ops) stays zero."""
+    scale = float(np.mean(np.sum(table, axis=0)))
+    return (table / scale if scale > 0 else np.zeros_like(table)).astype(np.float32)
+
+
+def arch_cost_table(spec: NetSpec, source: str, precision: str = "fp32") -> jax.Array:
+    """The normalised ``[rows, ops]`` table the arch loss uses (float32, on the default device)."""
+    return jnp.asarray(normalise(cost_table(spec, source, precision)))
+
+
+def expected_cost(alpha: jax.Array, table: jax.Array) -> jax.Array:
+    """``sum_r softmax(alpha_r) . table_r``: the expected cost of a network drawn from alpha ``[rows, ops]``.
+
+    Differentiable in alpha; its gradient moves each row's probability mass toward its cheaper ops."""
+    return jnp.sum(jax.nn.softmax(alpha, axis=-1) * table)
