@@ -3,6 +3,7 @@ term of the arch loss (its gradient, and that minimising it alone picks every ro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,18 @@ def test_committed_h100_latency_table_is_the_conversion_of_the_bench_run(tmp_pat
     converted = json.loads(out.read_text())
     assert converted == json.loads(H100_TABLE.read_text())
     assert len(converted["entries"]) == 11 * 4 * 2  # 11 ops x the original network's 4 shapes x fp32, bf16
+
+
+def test_bench_ops_writes_a_table_that_covers_the_configs_network(tmp_path):
+    ops = ("skip_connect", "conv_3x3")
+    out = tmp_path / "latency.json"
+    subprocess.run([sys.executable, "scripts/bench_ops.py", "--smoke", "--no-torch",
+                    "--config", "configs/study_smoke.py", "--ops", ",".join(ops), "--precisions", "fp32", "--latency-out", str(out),
+                    "--out", str(tmp_path / "bench.json"), "--md", str(tmp_path / "bench.md")],
+                   cwd=REPO, check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    table = cost.cost_table(build_spec("resnet", 4, 2, ops), f"latency:{out}", "fp32")
+    chex.assert_shape(table, (2, 2))
+    assert np.all(table > 0)
 
 
 def test_forward_flops_of_a_dense_layer():
