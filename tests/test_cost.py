@@ -132,8 +132,9 @@ def test_bench_ops_writes_a_table_that_covers_the_configs_network(tmp_path):
     ops = ("skip_connect", "conv_3x3")
     out = tmp_path / "latency.json"
     subprocess.run([sys.executable, "scripts/bench_ops.py", "--smoke", "--no-torch",
-                    "--config", "configs/study_smoke.py", "--ops", ",".join(ops), "--precisions", "fp32", "--latency-out", str(out),
-                    "--out", str(tmp_path / "bench.json"), "--md", str(tmp_path / "bench.md")],
+                    "--config", "configs/study_smoke.py", "--ops", ",".join(ops), "--precisions", "fp32",
+                    "--latency-out", str(out), "--out", str(tmp_path / "bench.json"),
+                    "--md", str(tmp_path / "bench.md")],
                    cwd=REPO, check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     table = cost.cost_table(build_spec("resnet", 4, 2, ops), f"latency:{out}", "fp32")
     chex.assert_shape(table, (2, 2))
