@@ -30,7 +30,7 @@ BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-5
 
 # Depthwise formulation: "lax" (grouped conv), "shift" (k*k shifted multiply-adds that XLA fuses) or
-# "auto": shift where it measured faster on an H100 (scripts/bench_ops.py, docs/benchmarks.md section 2, all
+# "auto": shift where it measured faster on an H100 (scripts/bench_ops.py, docs/benchmarks.md "Per-primitive", all
 # four block shapes of the `original` network, C 32-128, both dtypes): dilation > 1; 3x3 up to the widest
 # measured width, SHIFT_3X3_MAX_CHANNELS; 7x7 in fp32. XLA's grouped conv stays for 5x5, for 7x7 in bf16 and for
 # 3x3 at widths not measured.
@@ -49,7 +49,7 @@ def conv_init(key: jax.Array, kh: int, kw: int, cin: int, cout: int) -> jax.Arra
 def exact_precision(dtype) -> lax.Precision | None:
     """``HIGHEST`` for float32 operands: XLA's default on Ampere and later GPUs rounds float32 convolutions
     and dots to TF32 (10-bit mantissa), under which the ``original`` network diverged on an H100
-    (docs/benchmarks.md section 3). ``fp32`` here means float32 arithmetic; bf16 keeps the default."""
+    (docs/history.md, "The `original` preset"). ``fp32`` here means float32 arithmetic; bf16 keeps the default."""
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
