@@ -2,9 +2,10 @@
 
     python scripts/ablation_genotypes.py runs/c95/genotype.json --out runs/ablation [--seed 0] [--parametric-only]
 
-Writes ``random_s<seed>.json`` (every path's op drawn uniformly from the searched op set without `none`,
-or with ``--parametric-only`` without any parameter-free op, to match ``arch.max_parameter_free=0``;
-from a seeded generator) and ``all_sep_conv_3x3.json`` (every path `sep_conv_3x3`). Blocks, widths, strides
+Writes ``random_s<seed>.json`` (every path's op drawn uniformly from the searched op set without `none`, or
+with ``--parametric-only`` without any op the registry marks parameter-free, to match
+``arch.max_parameter_free=0``; from a seeded generator) and ``all_sep_conv_3x3.json`` (every path
+`sep_conv_3x3`). Blocks, widths, strides
 and path counts are the searched genotype's, so the final recipe trains networks of the same layout.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from asose_jax.ops import OP_REGISTRY
 from asose_jax.utils import write_json
 
 
@@ -29,11 +31,11 @@ def main() -> None:
     ap.add_argument("genotype", help="searched genotype.json")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parametric-only", action="store_true", help="draw no none/pool/skip op")
+    ap.add_argument("--parametric-only", action="store_true", help="draw no parameter-free op (none, pools, skip)")
     args = ap.parse_args()
     searched = json.loads(Path(args.genotype).read_text())
-    excluded = ("none", "avg_pool_3x3", "max_pool_3x3", "skip_connect") if args.parametric_only else ("none",)
-    choices = [op for op in searched.get("op_set", []) if op not in excluded]
+    choices = [op for op in searched.get("op_set", [])
+               if op != "none" and not (args.parametric_only and OP_REGISTRY[op].parameter_free)]
     if not choices:
         raise SystemExit(f"error: {args.genotype} has no op_set to draw random ops from")
     rng = np.random.default_rng(args.seed)
