@@ -77,21 +77,23 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
 
 
 def forced_choices(spec, mode: str, host: bool, k: int = 3) -> list:
-    """Op choices that, one step each, run every op of every row: ``[rows, 1]`` op ``j`` everywhere
-    (``single``/``argmax``; the host engine's ``{"idx", "noise"}``), ``[rows, k]`` (``topk``), every op
-    at once (``threshold``'s keep-mask), or one dummy choice (``dense``). ``topk``: ``k`` consecutive ops from each
-    op on, so every op runs in each of a row's ``k`` switches."""
+    """Op choices that, one step each, run every op of every row, each from the mode's own ``choose`` (the
+    ``mixed_op.MODES`` registry) on weights that rank op ``j`` first, then ``j + 1``, ...: op ``j`` everywhere
+    (``single``/``argmax``), ops ``j .. j + k - 1`` (``topk``: every op in each of a row's ``k`` switches;
+    ``threshold``: every op kept and skipped), one choice when they are all equal (``dense``). The host engine
+    takes ``{"idx", "noise"}`` instead."""
     import jax.numpy as jnp
+
+    from asose_jax import mixed_op
     n, rows = len(spec.ops), spec.num_rows
     if host:
         return [{"idx": np.full((rows,), j, np.int32), "noise": np.zeros((rows, n), np.float32)} for j in range(n)]
-    if mode in ("single", "argmax"):
-        return [jnp.full((rows, 1), j, jnp.int32) for j in range(n)]
-    if mode == "topk":  # every op in each of the k switches of a row
-        return [jnp.tile((j + jnp.arange(k, dtype=jnp.int32)) % n, (rows, 1)) for j in range(n)]
-    if mode == "threshold":
-        return [jnp.ones((rows, n), bool)]
-    return [jnp.zeros((rows, 1), jnp.int32)]
+    choices = {}
+    for j in range(n):
+        weights = jnp.tile(jnp.asarray(n - (np.arange(n) - j) % n, jnp.float32), (rows, 1))
+        choice = mixed_op.choose_rows(weights / jnp.sum(weights[0]), mode, k, 0.0)
+        choices.setdefault(np.asarray(choice).tobytes(), choice)
+    return list(choices.values())
 
 
 def run_every_op(spec, S, mode: str, host: bool, state, x, y, perm):

@@ -74,8 +74,10 @@ def test_warm_up_choices_run_every_op_in_every_switch_of_every_row():
     host = benchlib.forced_choices(spec, "single", host=True)
     assert sorted({int(i) for c in host for i in c["idx"]}) == list(range(10))
     assert all(c["idx"].shape == (4,) and c["noise"].shape == (4, 10) for c in host)
-    (mask,) = benchlib.forced_choices(spec, "threshold", host=False)
-    assert np.asarray(mask).all() and mask.shape == (4, 10)
+    masks = np.stack([np.asarray(m) for m in benchlib.forced_choices(spec, "threshold", host=False)])
+    assert masks.shape == (10, 4, 10) and (masks.sum(-1) == 3).all()  # the top k = 3 of each row kept
+    assert masks.any(0).all() and (~masks).any(0).all()  # every op of every row both kept and skipped
+    assert len(benchlib.forced_choices(spec, "dense", host=False)) == 1
 
 
 def test_conditional_placement_reads_the_optimised_hlo():
