@@ -11,7 +11,9 @@ coefficients), and its ``apply`` runs exactly the selected ops:
 | `topk`      | k            | `lax.top_k`, then k `lax.switch` calls; weights renormalised    |
 | `threshold` | <= k         | ops under the threshold (or outside the top k) skipped by `lax.cond` |
 | `argmax`    | 1            | `lax.switch` on argmax(alpha); coefficient 1 (inference)        |
-| `fixed`     | 1            | op index static at trace time (``FIXED``, not in ``MODES``: the host-dispatched single path and the final network) |
+| `fixed`     | 1            | op index static at trace time (host-dispatched single path, final net) |
+
+``fixed`` (:data:`FIXED`) is not in ``MODES``: a config cannot name it.
 
 The index is an unbatched scalar per mixed op, so under ``jit`` XLA really skips the other branches.
 The switch modes run through :func:`switched`, whose backward pass recomputes the chosen op inside a second
@@ -32,14 +34,6 @@ from jax import lax
 from asose_jax.ops import OP_REGISTRY
 
 
-def _softmax_rows(alpha: jax.Array) -> jax.Array:
-    return jax.nn.softmax(alpha, -1)
-
-
-def _alpha_itself(alpha: jax.Array) -> jax.Array:
-    return alpha
-
-
 @dataclass(frozen=True)
 class Mode:
     """One mixed-op mode.
@@ -56,7 +50,7 @@ class Mode:
     select: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None
     apply: Callable[..., tuple[jax.Array, dict[str, Any]]]
     sampling: str = "soft"
-    eval_weights: Callable[[jax.Array], jax.Array] = _softmax_rows
+    eval_weights: Callable[[jax.Array], jax.Array] = functools.partial(jax.nn.softmax, axis=-1)
     host_dispatch: bool = False
     trainable: bool = True
 
@@ -171,7 +165,7 @@ MODES: dict[str, Mode] = {
     "single": Mode("single", _choose_argmax, _select_sampled, _apply_switched, sampling="hard", host_dispatch=True),
     "topk": Mode("topk", _choose_top_k, _select_renormalised, _apply_switched),
     "threshold": Mode("threshold", _choose_above_threshold, _select_kept, _apply_kept),
-    "argmax": Mode("argmax", _choose_argmax, _select_unit, _apply_switched, eval_weights=_alpha_itself,
+    "argmax": Mode("argmax", _choose_argmax, _select_unit, _apply_switched, eval_weights=lambda alpha: alpha,
                    trainable=False),
 }
 FIXED = Mode("fixed", None, None, _apply_fixed)
@@ -260,8 +254,7 @@ def switched(ops: tuple[str, ...], stride: int, train: bool):
     ``lax.switch`` differentiated by JAX makes every branch return the union of all branches' residuals
     (zero-filled where the branch is not taken), the new statistics of every op and, backward, the gradient of
     every op's weights (zeros for the others): XLA copies or fills each of these buffers at every conditional
-    (100-320 copies per conditional in the CPU-compiled `original` step; copy kernels were 21 % of a search step's
-    kernel time on an H100; docs/benchmarks.md sections 2 and 4). Here the
+    (docs/benchmarks.md counts them). Here the
     forward branches return only ``y`` and the chosen op's statistics packed into one vector, and a custom VJP
     recomputes the chosen op inside a second switch, which returns ``dx`` and the op's weight gradient packed
     into one vector; the per-op values are unpacked outside the conditionals. Same values and gradients as

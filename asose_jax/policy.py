@@ -7,9 +7,9 @@ seeded key, so a run is reproducible.
 
 Strategy ``original``: a uniform draw from a list that depends on accuracy (< 50 %: 3x deepen while
 depth < 8, 2x widen; < 80 %: 2x deepen while depth < 12, 2x widen; else 3x widen, 1x deepen while
-depth < 15) and one ``branch`` entry when branch is enabled. Strategy ``cycle``: the enabled kinds in turn
-(tests and demos). Either picks only kinds the network can take now (``growth.feasible_kinds``: e.g. no
-deepen at or above ``depth_param_cap`` weights).
+depth < 15) and one entry for every other enabled kind (``branch``, or any kind added to ``growth.GROWTHS``).
+Strategy ``cycle``: the enabled kinds in turn (tests and demos). Either picks only kinds the network can take
+now (``growth.feasible_kinds``: e.g. no deepen at or above ``depth_param_cap`` weights).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def candidates(cfg: Config, spec: NetSpec, acc: float) -> list[str]:
         cands = ["deepen"] * 2 * (depth < min(12, g.max_depth)) + ["widen"] * 2
     else:
         cands = ["widen"] * 3 + ["deepen"] * (depth < min(15, g.max_depth))
-    cands += ["branch"]
+    cands += [k for k in g.kinds if k not in ("deepen", "widen")]  # branch, and any other registered kind
     return [c for c in cands if c in g.kinds]
 
 

@@ -36,18 +36,12 @@ class Steps(Protocol):
     ``eval_batch(state, x_u8, y, mask)`` gives the loss sum and correct count over the unmasked examples in
     inference mode; ``tau(arch_epochs)`` the Gumbel temperature. ``after_other_arch_step()`` is a hook, run when
     another engine took an arch step on the same state (:class:`SplitModeSteps`)."""
-
-    def tau(self, arch_epochs) -> jax.Array: ...
-
-    def sample(self, state: TrainState) -> Any: ...
-
-    def arch_sample(self, state: TrainState) -> Any: ...
-
-    def weight_step(self, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState: ...
-
-    def arch_step(self, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState: ...
-
-    def eval_batch(self, state: TrainState, x_u8, y, mask) -> tuple[jax.Array, jax.Array]: ...
+    tau: Callable[[jax.Array], jax.Array]
+    sample: Callable[[TrainState], Any]
+    arch_sample: Callable[[TrainState], Any]
+    weight_step: Callable[..., TrainState]
+    arch_step: Callable[..., TrainState]
+    eval_batch: Callable[..., tuple[jax.Array, jax.Array]]
 
     def after_other_arch_step(self) -> None: ...
 

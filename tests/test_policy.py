@@ -41,6 +41,8 @@ def test_candidates_follow_accuracy_depth_and_cap():
     assert policy.candidates(cfg, spec, 30.0) == ["deepen"] * 3 + ["widen"] * 2 + ["branch"]
     assert policy.candidates(cfg, spec, 60.0) == ["deepen"] * 2 + ["widen"] * 2 + ["branch"]
     assert policy.candidates(cfg, spec, 90.0) == ["widen"] * 3 + ["deepen", "branch"]
+    other, _ = make(kinds=("branch", "grow_more", "widen"))  # a kind outside the lists: one entry, like branch
+    assert policy.candidates(other, spec, 30.0) == ["widen"] * 2 + ["branch", "grow_more"]
     _, deep = make(layers=8, kinds=ALL)
     assert "deepen" not in policy.candidates(cfg, deep, 30.0)  # depth 8: no deepen under 50 %
     capped = dataclasses.replace(cfg, growth=dataclasses.replace(cfg.growth, depth_param_cap=5))
