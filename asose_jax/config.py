@@ -72,6 +72,8 @@ class ArchConfig:
     tau_min: float = 0.1
     genotype_exclude_none: bool = True
     max_parameter_free: int = -1  # cap on parameter-free ops (none/pools/skip) in the genotype; -1 = no cap
+    cost: str = "flops"  # per-op cost of the cost-aware arch loss: flops | latency:PATH (see asose_jax.cost)
+    cost_weight: float = 0.0  # lambda of CE + lambda * E_softmax(alpha)[cost]; 0 = the plain arch loss
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,11 @@ def _validate_optimizers(a: ArchConfig, o: OptimConfig, f: FinalConfig) -> None:
           "tau_init > 0, 0 < tau_decay <= 1, 0 < tau_min <= tau_init", (a.tau_init, a.tau_decay, a.tau_min))
     check(a.init_scale >= 0, "arch.init_scale", ">= 0", a.init_scale)
     check(a.max_parameter_free >= -1, "arch.max_parameter_free", ">= 0, or -1 for no cap", a.max_parameter_free)
+    check(a.cost_weight >= 0 and math.isfinite(a.cost_weight), "arch.cost_weight", ">= 0 (0 = no cost term)",
+          a.cost_weight)
+    latency = a.cost[len("latency:"):] if a.cost.startswith("latency:") else ""
+    check(a.cost == "flops" or (latency and Path(latency).is_file()), "arch.cost",
+          "flops | latency:PATH with PATH an existing file (scripts/bench_ops.py --latency-out writes one)", a.cost)
 
 
 def _validate_data(d: DataConfig) -> None:

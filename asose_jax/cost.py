@@ -10,8 +10,9 @@ alpha row ``r`` (its channels, its op stride and the spatial size of its input).
 
 The cost-aware arch loss is ``CE + lambda * expected_cost(alpha, table)`` with
 ``expected_cost = sum_r softmax(alpha_r) . table_r``, as FBNet and ProxylessNAS add the expected latency of
-the sampled network. :func:`arch_cost_table` normalises the table by the mean over ops of the whole-net
-cost ``mean_o sum_r table[r, o]``, so the expected cost is 1 at uniform alpha whatever the unit or
+the sampled network (``lambda`` is ``arch.cost_weight``, the source ``arch.cost``; both step engines add
+it, see :func:`search_cost_table`). :func:`arch_cost_table` normalises the table by the mean over ops of the
+whole-net cost ``mean_o sum_r table[r, o]``, so the expected cost is 1 at uniform alpha whatever the unit or
 the network size, and ``lambda`` weighs a whole network's relative cost against the cross-entropy.
 
 :func:`network_cost` gives the flops per image and the weights of a genotype's final (fixed-op) network, for
@@ -28,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asose_jax.config import Config
 from asose_jax.errors import ConfigError
-from asose_jax.model import NetSpec, apply_network, count_params, init_network
+from asose_jax.model import NetSpec, apply_network, build_spec, count_params, init_network
 from asose_jax.ops import OP_REGISTRY
 
 LATENCY_FORMAT = "asose_jax.latency/1"
@@ -158,9 +160,28 @@ def normalise(table: np.ndarray) -> np.ndarray:
     return (table / scale if scale > 0 else np.zeros_like(table)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
 def arch_cost_table(spec: NetSpec, source: str, precision: str = "fp32") -> jax.Array:
-    """The normalised ``[rows, ops]`` table the arch loss uses (float32, on the default device)."""
+    """The normalised ``[rows, ops]`` table the arch loss uses (float32, on the default device; cached per spec,
+    so the engines of one spec share it)."""
     return jnp.asarray(normalise(cost_table(spec, source, precision)))
+
+
+def search_cost_table(spec: NetSpec, cfg: Config) -> jax.Array | None:
+    """The table of the cost term of ``spec``'s arch steps, or None when ``arch.cost_weight`` is 0 (no cost term:
+    the steps trace exactly the plain arch loss). A growth makes a new spec with new rows, hence a new table; a
+    latency table that lacks one of its shapes (widen growth makes new channel counts) is a one-line ConfigError."""
+    if cfg.arch.cost_weight == 0:
+        return None
+    return arch_cost_table(spec, cfg.arch.cost, cfg.precision)
+
+
+def check_search_cost(cfg: Config) -> None:
+    """Build the cost table of the supernet a search starts from, so that a latency table lacking one of its
+    shapes stops the search in one line before any data is loaded (nothing happens when ``cost_weight`` is 0)."""
+    m = cfg.model
+    search_cost_table(build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes,
+                                 m.stage_width_mult), cfg)
 
 
 def expected_cost(alpha: jax.Array, table: jax.Array) -> jax.Array:

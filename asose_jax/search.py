@@ -32,11 +32,13 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
 
     With ``final.enabled`` the derived network is trained after the search (``asose_jax.final``, which
     resumes from ``workdir/final_checkpoints``; the search above then restores as "all tasks done")."""
+    from asose_jax.cost import check_search_cost
     from asose_jax.cycle import Run
     from asose_jax.data import load_dataset
     from asose_jax.final import train_final
     from asose_jax.report import write_report
 
+    check_search_cost(cfg)  # a latency table lacking a shape stops here, before the data loads
     data = load_dataset(cfg.data, cfg.seed)
     logger.info("data: %s (weights %d, arch-val %d, test %d)", data.source, len(data.train.labels),
                 len(data.arch_val.labels), len(data.test.labels))

@@ -28,6 +28,7 @@ import optax
 
 from asose_jax.arch import straight_through
 from asose_jax.config import Config
+from asose_jax.cost import expected_cost, search_cost_table
 from asose_jax.data import augment_batch, normalize
 from asose_jax.model import BlockSpec, NetSpec, apply_block, apply_head, conv_bn_relu
 from asose_jax.train_state import (TrainState, apply_alpha_grads, apply_weight_grads, arch_optimizer, compute_dtype,
@@ -47,6 +48,12 @@ def _coeff_and_vjp(alpha, noise, tau, idx):
         st = straight_through(jax.nn.softmax((a + noise) / tau, axis=-1), idx)
         return jnp.take_along_axis(st, idx[:, None], axis=1)[:, 0]
     return jax.vjp(coeff, alpha)
+
+
+@jax.jit
+def _add_cost_grad(g_alpha, alpha, table, weight):
+    """``g_alpha + weight * d expected_cost(alpha, table) / d alpha``: the cost term of the arch loss."""
+    return g_alpha + weight * jax.grad(expected_cost)(alpha, table)
 
 
 @jax.jit
@@ -78,12 +85,14 @@ class SinglePathSteps:
     share programs, and so does the net rebuilt after a growth. The gradients of the ops not chosen are
     zeros allocated once per spec, so the optimizer update sees the whole tree (momentum and weight decay
     apply to every weight, as in the one-program implementation). ``eval_batch``: the one-program evaluation,
-    used unless ``mixed_op.eval_mode`` is ``argmax`` (then the argmax net is dispatched like training)."""
+    used unless ``mixed_op.eval_mode`` is ``argmax`` (then the argmax net is dispatched like training). With
+    ``arch.cost_weight > 0`` an arch step adds the gradient of the cost term to alpha's (see ``asose_jax.cost``)."""
 
     def __init__(self, spec: NetSpec, cfg: Config, steps_per_epoch: int, eval_batch: Callable):
         self.spec, self.cfg, self.steps_per_epoch = spec, cfg, steps_per_epoch
         self.dtype = compute_dtype(cfg)
         self.tau = tau_schedule(cfg)
+        self._cost_table = search_cost_table(spec, cfg)  # None: no cost term
         self.eval_batch = self._eval_argmax if cfg.mixed_op.eval_mode == "argmax" else eval_batch
         self._alpha: np.ndarray | None = None  # host copy; None = refetch before the next sample
         self._step: int | None = None  # host mirror of state.step
@@ -154,6 +163,8 @@ class SinglePathSteps:
         loss, correct, _, stats, g_coeff = self._forward_backward(state, x_all, y_all, perm, i, choice,
                                                                   self._split_coeff(coeff))
         (g_alpha,) = _apply_vjp(coeff_vjp, _concat(g_coeff))
+        if self._cost_table is not None:
+            g_alpha = _add_cost_grad(g_alpha, state.alpha, self._cost_table, self.cfg.arch.cost_weight)
         self._step += 1
         self._alpha = None  # alpha changes: refetch before the next sample (the step is mirrored)
         return _alpha_update(self.cfg, state, g_alpha, stats, loss, correct, perm.shape[1])

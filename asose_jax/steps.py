@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asose_jax import arch, mixed_op
+from asose_jax import arch, cost, mixed_op
 from asose_jax.config import Config
 from asose_jax.data import augment_batch, normalize
 from asose_jax.model import NetSpec, apply_network
@@ -108,7 +108,8 @@ def program_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> ProgramSt
     return ProgramSteps(tau=tau_schedule(cfg), sample=sample, arch_sample=sample,
                         weight_step=jax.jit(functools.partial(train_weights, spec, cfg, steps_per_epoch),
                                             donate_argnums=0),
-                        arch_step=jax.jit(functools.partial(train_alpha, spec, cfg), donate_argnums=0),
+                        arch_step=jax.jit(functools.partial(train_alpha, spec, cfg, cost.search_cost_table(spec, cfg)),
+                                          donate_argnums=0),
                         eval_batch=jax.jit(functools.partial(eval_step, spec, cfg)))
 
 
@@ -158,16 +159,24 @@ def train_weights(spec: NetSpec, cfg: Config, steps_per_epoch: int, state: Train
                               y.shape[0])
 
 
-def train_alpha(spec: NetSpec, cfg: Config, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
-    """One arch step (weights frozen; no label smoothing) on batch ``perm[i]`` of the arch split."""
+def train_alpha(spec: NetSpec, cfg: Config, cost_table: jax.Array | None, state: TrainState, x_all, y_all, perm, i,
+                choice) -> TrainState:
+    """One arch step (weights frozen; no label smoothing) on batch ``perm[i]`` of the arch split.
+
+    The loss is the cross-entropy, plus ``arch.cost_weight * cost.expected_cost(alpha, cost_table)`` when the
+    weight is above 0 (``cost_table``: :func:`asose_jax.cost.search_cost_table`); the logged loss is the
+    cross-entropy alone."""
     x, y, k_arch = _augmented_batch(cfg, state, x_all, y_all, perm, i)
     tau = tau_schedule(cfg)(state.arch_epochs)
     params = jax.lax.stop_gradient(state.params)
 
     def loss_fn(alpha):
         logits, stats = _train_logits(spec, cfg, params, state.batch_stats, alpha, x, k_arch, tau, choice)
-        return cross_entropy(logits, y), (logits, stats)
-    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.alpha)
+        ce = cross_entropy(logits, y)
+        if cfg.arch.cost_weight > 0:  # a Python branch: with no weight the program is the plain arch loss's
+            return ce + cfg.arch.cost_weight * cost.expected_cost(alpha, cost_table), (ce, logits, stats)
+        return ce, (ce, logits, stats)
+    (_, (loss, logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.alpha)
     return apply_alpha_grads(state, arch_optimizer(cfg), grads, stats, loss, _correct(logits, y), y.shape[0])
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import chex
@@ -163,31 +164,74 @@ def test_network_cost_counts_the_final_networks_ops_and_weights():
 
 # ---------------------------------------------------------------------------------------------- integration
 
-INTEGRATION = pytest.mark.skip(reason="integration pending: needs the config fields arch.cost / arch.cost_weight and "
-                                      "the cost term in the arch step (issue 17)")
+def _untimed_rows(workdir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "img_per_s")} for r in rows]
 
 
-@INTEGRATION
 def test_zero_cost_weight_leaves_the_search_byte_identical(tmp_path):
+    """With arch.cost_weight=0 the cost source is never read (this latency table lacks the smoke network's
+    shapes) and the search is the plain one: same genotype bytes, same metrics."""
     from asose_jax.config import apply_overrides, load_config_file, preset_path, validate
     from asose_jax.search import run_search
     base = load_config_file(preset_path("smoke"))
     plain = validate(apply_overrides(base, ["cycle.max_cycles=1"]))
-    weighted = validate(apply_overrides(base, ["cycle.max_cycles=1", "arch.cost=flops", "arch.cost_weight=0"]))
+    weighted = validate(apply_overrides(base, ["cycle.max_cycles=1", f"arch.cost=latency:{H100_TABLE}",
+                                               "arch.cost_weight=0"]))
     run_search(plain, tmp_path / "plain", progress=False)
     run_search(weighted, tmp_path / "weighted", progress=False)
     assert (tmp_path / "plain" / "genotype.json").read_bytes() == (tmp_path / "weighted" / "genotype.json").read_bytes()
+    assert _untimed_rows(tmp_path / "plain") == _untimed_rows(tmp_path / "weighted")
 
 
-@INTEGRATION
+@pytest.mark.parametrize("mode", ["single", "dense"], ids=["host-engine", "one-program-engine"])
+def test_a_heavily_weighted_arch_step_moves_alpha_down_the_cost_gradient(mode):
+    """From alpha = 0, Adam's first step moves each entry by -lr * sign(gradient); with a cost weight of 1e4
+    the cost term's gradient decides every sign. The logged loss stays the cross-entropy."""
+    from asose_jax.config import ArchConfig, Config, DataConfig, MixedOpConfig, ModelConfig
+    from asose_jax.single_path import SinglePathSteps
+    from asose_jax.steps import make_steps
+    from asose_jax.train_state import create_train_state
+    cfg = replace(Config(), model=ModelConfig(skeleton="resnet", init_channels=4, num_layers=2, ops=DISTINCT_COST_OPS),
+                  mixed_op=MixedOpConfig(mode=mode), data=DataConfig(crop=False, flip=False, batch_size=8),
+                  arch=replace(ArchConfig(), cost_weight=1e4))
+    spec = build_spec("resnet", 4, 2, DISTINCT_COST_OPS)
+    state = create_train_state(jax.random.PRNGKey(0), spec, cfg, 1)
+    state = state.replace(alpha=jnp.zeros_like(state.alpha))
+    steps = make_steps(spec, cfg, 1)
+    assert isinstance(steps, SinglePathSteps) == (mode == "single")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    y = jnp.asarray(rng.integers(0, 10, (8,), dtype=np.int32))
+    table = cost.arch_cost_table(spec, "flops")
+    cost_grad = np.asarray(jax.grad(cost.expected_cost)(jnp.zeros(table.shape), table))
+    new = steps.arch_step(state, x, y, jnp.arange(8, dtype=jnp.int32)[None], 0, steps.arch_sample(state))
+    np.testing.assert_array_equal(np.sign(np.asarray(new.alpha)), -np.sign(cost_grad))
+    assert float(new.sums["loss"]) / int(new.sums["count"]) < 10.0  # a cross-entropy, not 1e4 * cost
+
+
 def test_large_cost_weight_makes_the_search_pick_each_rows_cheapest_op(tmp_path):
     from asose_jax.config import apply_overrides, load_config_file, preset_path, validate
     from asose_jax.search import run_search
     cfg = validate(apply_overrides(load_config_file(preset_path("smoke")), [
-        "model.ops=" + ",".join(DISTINCT_COST_OPS), "growth.enabled=false", "arch.lr=0.1",
-        "arch.cost=flops", "arch.cost_weight=100"]))
+        "model.ops=" + ",".join(DISTINCT_COST_OPS), "growth.enabled=false", "cycle.warmup_epochs=0",
+        "cycle.retrain_epochs=0", "cycle.arch_epochs=3", "arch.lr=0.3", "arch.cost=flops", "arch.cost_weight=100"]))
     run_search(cfg, tmp_path, progress=False)
     genotype = json.loads((tmp_path / "genotype.json").read_text())
     spec = build_spec(cfg.model.skeleton, cfg.model.init_channels, cfg.model.num_layers, cfg.model.ops)
     cheapest = [spec.ops[i] for i in np.argmin(cost.flops_table(spec), -1)]
     assert genotype["ops"] == cheapest
+
+
+def test_search_stops_in_one_line_before_loading_data_when_the_latency_table_lacks_a_shape(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from asose_jax import cli, data, search
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: pytest.fail("the data was loaded"))
+    workdir = tmp_path / "run"
+    rc = search.main(["--preset", "smoke", "--set", f"arch.cost=latency:{H100_TABLE}", "--set", "arch.cost_weight=1",
+                      "--workdir", str(workdir), "--no-progress", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: arch.cost: latency table") and "\n" not in err, err
+    assert "has no fp32 entry for none at C8 32x32 s1 (row 0)" in err
+    assert not workdir.exists()
