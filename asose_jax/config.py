@@ -150,7 +150,8 @@ class FinalConfig:
     width: int = 0  # 0 = the searched network's widths
     schedule: str = "cosine"  # LR after the linear warm-up: cosine | linear decay to 0 (stepped per step)
     path_scale_init: float = 1.0  # initial per-path residual scale (0 = identity-initialised blocks)
-    eval_every: int = 0  # also report test accuracy every N epochs (a curve for the docs; decides nothing); 0 = end only
+    eval_every: int = 0  # also report val accuracy every N epochs (a curve; needs val_size > 0); 0 = end only
+    val_size: int = 5000  # training images held out for recipe decisions and curves; 0 = the reporting run
     tta: str = "flip"  # test-time augmentation behind test_acc_tta: flip | flip_translate (see asose_jax.final.tta_logits)
 
 
@@ -286,6 +287,8 @@ def validate(cfg: Config) -> Config:
     _validate_data(cfg.data)
     _validate_schedule(cfg.cycle, cfg.growth, cfg.model)
     _validate_final(cfg.final)
+    if cfg.final.enabled:  # else the final training (asose_jax.final) checks it against its data
+        check_final_val_size(cfg.final, final_train_images(cfg.data))
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
     check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
     return cfg
@@ -369,8 +372,23 @@ def _validate_final(f: FinalConfig) -> None:
     check(0 <= f.label_smoothing < 1, "final.label_smoothing", "[0, 1)", f.label_smoothing)
     check(f.warmup_epochs >= 0, "final.warmup_epochs", ">= 0 (clamped to the run length)", f.warmup_epochs)
     check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
-    check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = test only at the end)", f.eval_every)
+    check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = no curve)", f.eval_every)
+    check(f.val_size >= 0, "final.val_size", ">= 0 (0 = the reporting run)", f.val_size)
     check(f.tta in TTA_MODES, "final.tta", " | ".join(TTA_MODES), f.tta)
+
+
+def final_train_images(d: DataConfig) -> int:
+    """How many images a final training gets (the weights split and arch-val together), from the config alone."""
+    full = d.synthetic_train if d.source == "synthetic" else 50000
+    weights = full - d.arch_val_size
+    return (min(weights, d.train_subset) if d.train_subset > 0 else weights) + d.arch_val_size
+
+
+def check_final_val_size(f: FinalConfig, n_images: int) -> None:
+    """ConfigError unless ``final.val_size`` leaves at least ``final.batch_size`` of ``n_images`` to train on."""
+    check(f.val_size <= n_images - f.batch_size, "final.val_size",
+          f"0..{n_images - f.batch_size} (the final training has {n_images} images and needs final.batch_size="
+          f"{f.batch_size} left to train on; 0 = the reporting run)", f.val_size)
 
 
 # ---------------------------------------------------------------------------------------------- serialisation

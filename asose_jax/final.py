@@ -1,4 +1,4 @@
-"""``python -m asose_jax.final``: train the final network of a genotype on all 50k images.
+"""``python -m asose_jax.final``: train the final network of a genotype on the 50k training images.
 
 The final network is the supernet's :class:`~asose_jax.model.NetSpec` with one fixed op per path (the genotype's
 op; :func:`asose_jax.genotype.genotype_spec`), built and run by the same ``model`` functions in the mixed op's
@@ -11,10 +11,12 @@ Recipe: SGD (Nesterov) with L2 weight decay on conv / linear weights only (not B
 path scales or biases), linear warm-up then cosine (or linear) decay to 0 stepped per step, label
 smoothing, random crop + flip (+ optional cutout) on device, optional EMA of the weights (evaluated with
 the live model's BN statistics), bf16 compute with fp32 master weights when ``precision=bf16``. Data is
-the ``train`` and ``arch_val`` splits concatenated (uint8 on device); the test split is used once at the
-end, without and with test-time augmentation (``final.tta``, see :func:`tta_logits`). With
-``final.eval_every=N`` the test accuracy is also measured every N epochs, for an accuracy-vs-time curve in
-the docs; no choice depends on it.
+the ``train`` and ``arch_val`` splits concatenated (uint8 on device). ``final.val_size=N`` holds N of them
+out (a permutation seeded by ``seed``; :func:`hold_out`): the network trains on the rest, and the held-out
+split gives ``val_acc`` at the end and, with ``final.eval_every=E``, every E epochs (the curve). Recipe
+decisions read only these. ``final.val_size=0`` is the reporting run: all images train and no curve is
+measured. Either way the test split is read once, at the end, without and with test-time augmentation
+(``final.tta``, see :func:`tta_logits`); nothing depends on it.
 
 Outputs in the workdir: ``final_metrics.jsonl`` (one ``final_epoch`` row per epoch), ``final.json``,
 ``final_checkpoints/`` (one per epoch, through :class:`~asose_jax.checkpoint.Checkpointer`; a re-run resumes
@@ -46,7 +48,7 @@ import optax
 
 from asose_jax import cli
 from asose_jax.checkpoint import Checkpointer
-from asose_jax.config import TTA_MODES, Config, tta_label
+from asose_jax.config import TTA_MODES, Config, check_final_val_size, tta_label
 from asose_jax.data import Dataset, augment_batch, epoch_permutation, normalize
 from asose_jax.errors import CheckpointError, ConfigError, DivergenceError, GenotypeError
 from asose_jax.genotype import genotype_spec, load_genotype
@@ -59,6 +61,7 @@ logger = logging.getLogger("asose_jax")
 EPOCH_ID_OFFSET = 10_000  # epoch order: epoch_permutation(seed, EPOCH_ID_OFFSET + epoch, ...)
 STOP_AFTER_EPOCH_ENV = "ASOSE_STOP_AFTER_EPOCH"
 FINAL_JSON_KEYS = ("test_acc", "test_acc_tta", "epochs", "wall_s", "params", "device")
+VAL_SPLIT_STREAM = 0x5A1  # the held-out split's permutation: default_rng([seed, VAL_SPLIT_STREAM])
 
 
 def apply_final(spec: NetSpec, params: dict, stats: dict, x: jax.Array, train: bool,
@@ -198,7 +201,7 @@ def make_final_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> FinalS
 
 
 def evaluate_tta(steps: FinalSteps, params, stats, images, labels, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
-    """Test accuracy (%) without and with test-time augmentation over a whole split (device arrays), fixed order."""
+    """Accuracy (%) without and with test-time augmentation over a whole split (device arrays), fixed order."""
     n = int(images.shape[0])
     plain = tta = 0
     for xb, yb, mask in padded_batches(images, labels, batch_size):
@@ -228,36 +231,51 @@ class FinalRun:
     cfg: Config
     spec: NetSpec
     steps: FinalSteps
-    x_all: jax.Array  # uint8 [n, 32, 32, 3]: train + arch_val
+    x_all: jax.Array  # uint8 [n, 32, 32, 3]: train + arch_val, less the held-out split
     y_all: jax.Array
+    x_val: jax.Array  # uint8 [final.val_size, 32, 32, 3]: the held-out split (empty in the reporting run)
+    y_val: jax.Array
     x_test: jax.Array
     y_test: jax.Array
     steps_per_epoch: int
     fingerprint: str
     ckpt: Checkpointer | None
 
-    def test_accuracy(self, state: FinalState) -> tuple[float, float]:
-        """Test accuracy (%) without and with test-time augmentation, of the EMA weights when there are any."""
+    def accuracy(self, state: FinalState, split: str) -> tuple[float, float]:
+        """Accuracy (%) on ``split`` (``val`` or ``test``) without and with test-time augmentation, of the EMA
+        weights when there are any."""
         params = state.ema if self.cfg.final.ema_decay > 0 else state.params
-        return evaluate_tta(self.steps, params, state.batch_stats, self.x_test, self.y_test)
+        images, labels = (self.x_val, self.y_val) if split == "val" else (self.x_test, self.y_test)
+        return evaluate_tta(self.steps, params, state.batch_stats, images, labels)
+
+
+def hold_out(x: np.ndarray, y: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, ...]:
+    """``(x_train, y_train, x_val, y_val)``: ``val_size`` examples drawn by a permutation seeded by ``seed``
+    are held out; both parts keep the input order. ``val_size=0`` returns ``x, y`` unchanged and empty val."""
+    held = np.zeros(len(y), bool)
+    held[np.random.default_rng([seed, VAL_SPLIT_STREAM]).permutation(len(y))[:val_size]] = True
+    return x[~held], y[~held], x[held], y[held]
 
 
 def prepare_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path) -> FinalRun:
-    """The fixed-op network of ``genotype``, the data on the device, the compiled steps and the checkpointer."""
+    """The fixed-op network of ``genotype``, the data on the device (``final.val_size`` held out), the compiled
+    steps and the checkpointer."""
     f = cfg.final
     spec = genotype_spec(genotype, f.skeleton, f.width)
     if spec.num_classes != data.num_classes:
         raise GenotypeError(f"genotype has {spec.num_classes} classes, the data {data.num_classes}")
     x_np = np.concatenate([data.train.images, data.arch_val.images])
     y_np = np.concatenate([data.train.labels, data.arch_val.labels])
+    if len(y_np) < f.batch_size:
+        raise ConfigError(f"final.batch_size={f.batch_size} is larger than the {len(y_np)} training images")
+    check_final_val_size(f, len(y_np))
+    x_np, y_np, x_val, y_val = hold_out(x_np, y_np, f.val_size, cfg.seed)
     n = int(x_np.shape[0])
-    if n < f.batch_size:
-        raise ConfigError(f"final.batch_size={f.batch_size} is larger than the {n} training images")
     steps_per_epoch = n // f.batch_size
     ckpt = Checkpointer(workdir / "final_checkpoints", cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
     return FinalRun(cfg, spec, make_final_steps(spec, cfg, steps_per_epoch), jnp.asarray(x_np), jnp.asarray(y_np),
-                    jnp.asarray(data.test.images), jnp.asarray(data.test.labels), steps_per_epoch,
-                    run_fingerprint(spec, cfg, n), ckpt)
+                    jnp.asarray(x_val), jnp.asarray(y_val), jnp.asarray(data.test.images),
+                    jnp.asarray(data.test.labels), steps_per_epoch, run_fingerprint(spec, cfg, n), ckpt)
 
 
 def restore_or_init(run: FinalRun, workdir: Path) -> tuple[FinalState, dict]:
@@ -305,14 +323,14 @@ def train_epoch(run: FinalRun, state: FinalState, epoch: int, progress: bool) ->
         raise DivergenceError(f"final training loss became NaN/Inf in epoch {epoch + 1}; lower final.lr (now {f.lr})")
     row = {"event": "final_epoch", "epoch": epoch + 1, "loss": loss, "acc": 100.0 * int(sums["correct"]) / c,
            "lr": float(run.steps.lr(int(state.step) - 1)), "img_per_s": n_steps * bs / max(elapsed, 1e-9)}
-    if f.eval_every and (epoch + 1) % f.eval_every == 0 and epoch + 1 < f.epochs:  # the curve only
-        row["test_acc"], row["test_acc_tta"] = run.test_accuracy(state)
+    if f.val_size and f.eval_every and (epoch + 1) % f.eval_every == 0 and epoch + 1 < f.epochs:  # the curve only
+        row["val_acc"], row["val_acc_tta"] = run.accuracy(state, "val")
     return state, row
 
 
 def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progress: bool = True) -> dict:
-    """Train the fixed-op network of ``genotype`` on train + arch_val, report test accuracy (plain and with
-    ``final.tta``).
+    """Train the fixed-op network of ``genotype`` on train + arch_val less ``final.val_size`` held out; report
+    the held-out and the test accuracy (plain and with ``final.tta``).
 
     Writes ``final_metrics.jsonl``, ``final.json`` and ``final_checkpoints/`` in ``workdir`` (resuming from
     the newest checkpoint there) and returns the ``final.json`` dict."""
@@ -330,6 +348,8 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
                 run.spec.skeleton, len(run.spec.blocks), params_n, f.epochs, run.steps_per_epoch, f.batch_size,
                 cfg.precision, device_name())
     write_jsonl(workdir / "final_metrics.jsonl", metrics)
+    if f.eval_every and not f.val_size:
+        logger.info("final.eval_every=%d: no curve in the reporting run (final.val_size=0)", f.eval_every)
 
     def wall() -> float:
         return wall_offset + time.perf_counter() - t0
@@ -352,9 +372,14 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
         if run.ckpt is not None:
             run.ckpt.wait()
 
-    test_acc, test_acc_tta = run.test_accuracy(state)
+    test_acc, test_acc_tta = run.accuracy(state, "test")
     result = {"test_acc": test_acc, "test_acc_tta": test_acc_tta, "tta": f.tta, "epochs": f.epochs, "wall_s": wall(),
               "params": params_n, "device": device_name(), "genotype": genotype}
+    if f.val_size:
+        result["val_acc"], result["val_acc_tta"] = run.accuracy(state, "val")
+        result["val_size"] = f.val_size
+        logger.info("held-out split (%d images): %.2f %%, %s %.2f %%", f.val_size, result["val_acc"],
+                    tta_label(result), result["val_acc_tta"])
     write_json(workdir / "final.json", result)
     logger.info("final training done in %.1f s: test %.2f %%, %s %.2f %% (%d weights)", result["wall_s"],
                 test_acc, tta_label(result), test_acc_tta, params_n)
@@ -367,6 +392,9 @@ def write_final_summary(workdir: Path, result: dict, spec: NetSpec, metrics: lis
     """``final_summary.md``: the figures, the network, the per-epoch curve."""
     lines = [f"# Final training: `{workdir.name}`", "",
              f"- test accuracy: **{result['test_acc']:.2f} %** ({tta_label(result)}: **{result['test_acc_tta']:.2f} %**)",
+             *([f"- held-out accuracy ({result['val_size']} training images, final.val_size): "
+                f"{result['val_acc']:.2f} % ({tta_label(result)}: {result['val_acc_tta']:.2f} %)"]
+               if "val_acc" in result else []),
              f"- epochs: {result['epochs']}, wall: {result['wall_s']:.1f} s (compile and test included)",
              f"- weights: {result['params']:,}; device: {result['device']}", "",
              f"## Network ({spec.skeleton} skeleton, stem {spec.stem_channels} channels)", "",

@@ -23,6 +23,6 @@ def get_config() -> Config:
         cycle=CycleConfig(max_cycles=3, warmup_epochs=1, weight_epochs=1, arch_epochs=1, retrain_epochs=1,
                           early_stop_cycles=0),
         growth=GrowthConfig(every=2, strategy="cycle", widen_factor=1.5),
-        final=FinalConfig(enabled=False, epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5),
+        final=FinalConfig(enabled=False, epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5, val_size=128),
         checkpoint=CheckpointConfig(every_steps=0, max_to_keep=2),
     )

@@ -22,6 +22,6 @@ def get_config() -> Config:
         cycle=CycleConfig(max_cycles=1, warmup_epochs=0, weight_epochs=1, arch_epochs=1, retrain_epochs=0,
                           early_stop_cycles=0, eval_every_epoch=False),
         growth=GrowthConfig(enabled=False),
-        final=FinalConfig(enabled=True, epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5),
+        final=FinalConfig(enabled=True, epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5, val_size=64),
         checkpoint=CheckpointConfig(every_steps=0, max_to_keep=2),
     )

@@ -21,7 +21,7 @@ from asose_jax import cli
 from asose_jax import final as final_lib
 from asose_jax.config import apply_overrides, load_config_file, preset_path, validate
 from asose_jax.data import load_dataset
-from asose_jax.errors import CheckpointError
+from asose_jax.errors import CheckpointError, ConfigError
 from asose_jax.genotype import genotype_spec
 from asose_jax.model import count_params, init_network
 
@@ -84,6 +84,39 @@ def test_final_training_writes_final_json_and_learns(fresh, cfg):
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["event"] == "final_epoch" for r in rows)
     assert rows[1]["loss"] < rows[0]["loss"]
     assert sorted(p.name for p in (workdir / "final_checkpoints").iterdir() if p.name.isdigit()) == ["0", "1"]
+
+
+def test_val_size_holds_out_a_seeded_split_and_reports_its_accuracy(fresh, cfg, data):
+    workdir, result = fresh
+    n = len(data.train.labels) + len(data.arch_val.labels)
+    assert cfg.final.val_size == 128 and result["val_size"] == 128
+    assert 0.0 <= result["val_acc"] <= 100.0 and 0.0 <= result["val_acc_tta"] <= 100.0
+    x, y = np.arange(n * 2).reshape(n, 2), np.arange(n)
+    x_train, y_train, x_val, y_val = final_lib.hold_out(x, y, 128, seed=0)
+    assert len(y_val) == 128 and len(y_train) == n - 128 and not set(y_val) & set(y_train)
+    assert list(y_train) == sorted(y_train) and list(y_val) == sorted(y_val)  # both keep the data's order
+    np.testing.assert_array_equal(x_val[:, 0], 2 * y_val)  # images stay with their labels
+    assert list(final_lib.hold_out(x, y, 128, seed=0)[3]) == list(y_val)
+    assert list(final_lib.hold_out(x, y, 128, seed=1)[3]) != list(y_val)
+    everything = final_lib.hold_out(x, y, 0, seed=0)  # the reporting run trains on every image
+    np.testing.assert_array_equal(everything[1], y)
+    assert len(everything[3]) == 0
+
+
+def test_curve_rows_read_the_held_out_split_never_the_test_set(cfg, data, tmp_path):
+    curve_cfg = apply_overrides(cfg, ["final.eval_every=1"])
+    final_lib.train_final(curve_cfg, GENOTYPE, data, tmp_path, progress=False)
+    rows = _epoch_rows(tmp_path)
+    assert "val_acc" in rows[0] and "val_acc_tta" in rows[0] and 0.0 <= rows[0]["val_acc"] <= 100.0
+    assert not any("test_acc" in r for r in rows) and "val_acc" not in rows[-1]  # the last epoch: final.json
+
+
+def test_val_size_must_leave_a_batch_to_train_on(cfg, data, tmp_path):
+    n = len(data.train.labels) + len(data.arch_val.labels)
+    with pytest.raises(ConfigError, match="final.val_size") as info:
+        final_lib.train_final(apply_overrides(cfg, [f"final.val_size={n - 1}"]), GENOTYPE, data, tmp_path,
+                              progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "final_checkpoints").exists()
 
 
 def test_resume_equals_uninterrupted(fresh, cfg, data, tmp_path, monkeypatch, caplog):
