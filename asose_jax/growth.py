@@ -28,6 +28,9 @@ What is carried over, and how:
 
 Transforms never modify their inputs (new dicts/lists/arrays throughout); inputs may be host (numpy)
 or device arrays; outputs are jax arrays in the input dtypes (float32 weights).
+
+Each kind is one :class:`Growth` in ``GROWTHS``, which ``grow``, ``feasible_kinds``, the config check and the
+policy read: a new kind is one entry there.
 """
 from __future__ import annotations
 
