@@ -66,14 +66,7 @@ def _leaf_shapes(tree) -> list[tuple[int, ...]]:
 
 def _is_params_like(node, params) -> bool:
     """Whether ``node`` has exactly the tree structure and leaf shapes of ``params``."""
-    if node is None:
-        return False
-    try:
-        if jax.tree.structure(node) != jax.tree.structure(params):
-            return False
-    except Exception:  # noqa: BLE001 - not a pytree we can compare
-        return False
-    return _leaf_shapes(node) == _leaf_shapes(params)
+    return jax.tree.structure(node) == jax.tree.structure(params) and _leaf_shapes(node) == _leaf_shapes(params)
 
 
 def transfer_opt_state(opt_state, old_params, transfer: Transfer, new_parts=None, *, tx=None, new_params=None):
@@ -109,8 +102,7 @@ def transfer_opt_state(opt_state, old_params, transfer: Transfer, new_parts=None
     if tx is not None:
         if new_params is None:
             raise ValueError("transfer_opt_state: tx given without new_params")
-        template = tx.init(new_params)
-        if jax.tree.structure(out) != jax.tree.structure(template) or _leaf_shapes(out) != _leaf_shapes(template):
+        if not _is_params_like(out, tx.init(new_params)):
             raise ValueError("transferred optimizer state does not match tx.init(new_params)")
     return out
 
@@ -294,12 +286,12 @@ class _Widener:
         if np.shape(w)[axis] != size:
             raise ValueError(f"widen: {what} has shape {np.shape(w)}, expected {size} on axis {axis}")
 
-    def out(self, w, what="vector"):
+    def out(self, w, what: str):
         """Output channels (last axis) by g: conv output columns, BN scale/bias/mean/var, depthwise."""
         self._check(w, -1, self.c, what)
         return jnp.take(jnp.asarray(w), self.g, axis=-1)
 
-    def inp(self, w, axis: int, what="weight"):
+    def inp(self, w, axis: int, what: str):
         """Input channels on ``axis`` by g, divided by the replica count (consumers of the stage)."""
         self._check(w, axis, self.c, what)
         w = jnp.take(jnp.asarray(w), self.g, axis=axis)
@@ -307,22 +299,22 @@ class _Widener:
         shape[axis] = self.c_new
         return w / jnp.asarray(self.div.reshape(shape), w.dtype)
 
-    def full(self, w, what="conv"):
+    def full(self, w, what: str):
         """A C -> C conv inside the stage: in by g / cnt, out by g."""
         return self.out(self.inp(w, 2, what), what)
 
-    def depthwise(self, w, what="depthwise"):
+    def depthwise(self, w, what: str):
         """A ``[k, k, 1, C]`` per-channel filter: output channels by g."""
         self._check(w, 2, 1, what)
         return self.out(w, what)
 
-    def reduce_low(self, w, what="reduce_low"):
+    def reduce_low(self, w, what: str):
         """FactorizedReduce conv1 (-> old [0, c//2)): in by g / cnt, out by the first half of g."""
         w = self.inp(w, 2, what)
         self._check(w, -1, self.h, what)
         return jnp.take(w, self.g[:self.h_new], axis=-1)
 
-    def reduce_high(self, w, what="reduce_high"):
+    def reduce_high(self, w, what: str):
         """FactorizedReduce conv2 (-> old [c//2, c)): in by g / cnt, out by the second half of g."""
         w = self.inp(w, 2, what)
         self._check(w, -1, self.c - self.h, what)
@@ -376,34 +368,26 @@ def widen(spec: NetSpec, state, stage: int, factor: float, key: jax.Array):
     c_new = widened_channels(c, factor)
     wd = _Widener(c, widen_mapping(c, c_new, key))
 
-    def w_transfer(tree, _unused=None):
-        new = dict(tree)
-        blocks = [dict(b) for b in tree["blocks"]]
+    def stage_transfer(tree, producer, path, params: bool):
+        """``tree`` (weights or BN statistics) with the stage's producer and paths mapped, and for the weights
+        its consumer's input channels (a consumer's statistics are per output channel: unchanged)."""
+        new, blocks = dict(tree), [dict(b) for b in tree["blocks"]]
         if st.producer < 0:
-            new["stem"] = wd.conv_bn_out(tree["stem"])
+            new["stem"] = producer(tree["stem"])
         else:
-            blocks[st.producer]["input_conv"] = wd.conv_bn_out(blocks[st.producer]["input_conv"])
+            blocks[st.producer]["input_conv"] = producer(blocks[st.producer]["input_conv"])
         for i in st.blocks:
-            blocks[i]["paths"] = [{op: wd.op_params(op, pp) for op, pp in path.items()} for path in blocks[i]["paths"]]
-        if st.consumer is None:
+            blocks[i]["paths"] = [path(p) for p in blocks[i]["paths"]]
+        if params and st.consumer is None:
             new["head"] = {**tree["head"], "w": wd.inp(tree["head"]["w"], 0, "head")}
-        else:
+        elif params:
             ic = blocks[st.consumer]["input_conv"]
             blocks[st.consumer]["input_conv"] = {**ic, "w": wd.inp(ic["w"], 2, "consumer conv")}
-        new["blocks"] = blocks
-        return new
+        return {**new, "blocks": blocks}
 
-    def s_transfer(tree):
-        new = dict(tree)
-        blocks = [dict(b) for b in tree["blocks"]]
-        if st.producer < 0:
-            new["stem"] = wd.stats(tree["stem"])
-        else:
-            blocks[st.producer]["input_conv"] = wd.stats(blocks[st.producer]["input_conv"])
-        for i in st.blocks:
-            blocks[i]["paths"] = [wd.stats(path) for path in blocks[i]["paths"]]
-        new["blocks"] = blocks
-        return new
+    def w_transfer(tree, _unused=None):
+        op_params = lambda path: {op: wd.op_params(op, w) for op, w in path.items()}  # noqa: E731
+        return stage_transfer(tree, wd.conv_bn_out, op_params, params=True)
 
     blocks = list(spec.blocks)
     if st.producer >= 0:
@@ -418,7 +402,7 @@ def widen(spec: NetSpec, state, stage: int, factor: float, key: jax.Array):
 
     a_transfer = _rows_transfer(list(range(spec.num_rows)))
     params = w_transfer(state.params)
-    stats = s_transfer(state.batch_stats)
+    stats = stage_transfer(state.batch_stats, wd.stats, wd.stats, params=False)
     alpha = a_transfer(state.alpha, None)
     return new_spec, _finish(state, new_spec, params, stats, alpha, w_transfer, None, a_transfer, None)
 
@@ -464,11 +448,9 @@ def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
         blocks[block_index] = blk
         return {**tree, "blocks": blocks}
 
-    stats = dict(state.batch_stats)
-    stats["blocks"] = list(stats["blocks"])
-    sb = dict(stats["blocks"][block_index])
-    sb["paths"] = list(sb["paths"]) + [ps]
-    stats["blocks"][block_index] = sb
+    stat_blocks = list(state.batch_stats["blocks"])
+    stat_blocks[block_index] = {**stat_blocks[block_index], "paths": list(stat_blocks[block_index]["paths"]) + [ps]}
+    stats = {**state.batch_stats, "blocks": stat_blocks}
 
     r = spec.row_offsets()[block_index] + b.n_paths
     a_transfer = _rows_transfer(list(range(r)) + [None] + list(range(r, spec.num_rows)))
@@ -481,22 +463,19 @@ def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
 # ---------------------------------------------------------------------------------------------- checks
 
 @partial(jax.jit, static_argnums=(0, 4))
-def _logits(spec: NetSpec, params, stats, alpha, mode: str, x):
+def _inference_logits(spec: NetSpec, params, stats, alpha, mode: str, x):
     sel = mixed_op.select_rows(mixed_op.MODES[mode].eval_weights(alpha), mode)
     return apply_network(spec, params, stats, x, sel, mode, train=False)[0]
 
 
-def inference_logits(spec: NetSpec, state, x, mode: str = "argmax") -> jax.Array:
-    """Logits in inference mode (BN running stats). ``mode``: ``argmax`` (alpha), or a weighted mode
-    (``dense``, ``topk``, ``threshold``) fed ``softmax(alpha)``."""
-    return _logits(spec, state.params, state.batch_stats, jnp.asarray(state.alpha), mode, jnp.asarray(x, jnp.float32))
-
-
 def max_abs_logit_diff(spec_a: NetSpec, state_a, spec_b: NetSpec, state_b, x, mode: str = "argmax") -> float:
-    """Largest ``|logits_a - logits_b|`` on the batch ``x`` in inference mode (see :func:`inference_logits`)."""
-    la = inference_logits(spec_a, state_a, x, mode)
-    lb = inference_logits(spec_b, state_b, x, mode)
-    return float(jnp.max(jnp.abs(la - lb)))
+    """Largest ``|logits_a - logits_b|`` on the batch ``x`` in inference mode (BN running statistics), each
+    network selecting its ops from ``mode``'s eval weights (``argmax``: alpha; the weighted modes: softmax)."""
+    x = jnp.asarray(x, jnp.float32)
+
+    def logits(spec, st):
+        return _inference_logits(spec, st.params, st.batch_stats, jnp.asarray(st.alpha), mode, x)
+    return float(jnp.max(jnp.abs(logits(spec_a, state_a) - logits(spec_b, state_b))))
 
 
 # ---------------------------------------------------------------------------------------------- the kinds
