@@ -211,19 +211,18 @@ def plot_architecture(genotype: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(workdir: Path, metrics: list[dict], alpha_history: list[dict], genotype: dict, result: dict,
-                 config: dict) -> None:
-    """All plots and ``summary.md`` in ``workdir`` (plots under ``plots/``)."""
+def write_report(workdir: Path, metrics: list[dict], alpha_history: list[dict], genotype: dict, result: dict) -> None:
+    """All plots and ``summary.md`` in ``workdir`` (plots under ``plots/``), and ``result.json``."""
     plots = workdir / "plots"
     plots.mkdir(exist_ok=True)
     ops = genotype["op_set"]
     final_paths = paths_per_block(genotype)
-    history = row_history(final_paths, [r for r in metrics if r.get("event") == "growth"])
+    growths = [r for r in metrics if r.get("event") == "growth"]
+    history = row_history(final_paths, growths)
     plot_alpha_over_time(alpha_history, ops, history, final_paths, plots / "alpha_over_time.png")
     plot_alpha_heatmaps(alpha_history, ops, history, final_paths, plots / "alpha_heatmaps.png")
     plot_curves(metrics, plots / "curves.png")
     plot_architecture(genotype, plots / "architecture.png")
-    growths = [r for r in metrics if r.get("event") == "growth"]
     phase_wall: dict[str, float] = {}
     prev = 0.0
     for r in metrics:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from asose_jax import cli
-from asose_jax import config as config_lib
 from asose_jax.config import Config
 
 logger = logging.getLogger("asose_jax")
@@ -53,7 +52,7 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     genotype = run.genotype()
     if cfg.final.enabled:
         result["final"] = train_final(cfg, genotype, data, workdir, progress=progress)
-    write_report(workdir, run.metrics, run.alpha_history, genotype, result, config_lib.to_dict(cfg))
+    write_report(workdir, run.metrics, run.alpha_history, genotype, result)
     return result
 
 

@@ -106,7 +106,7 @@ def test_write_report_draws_every_plot_and_the_summary(tmp_path):
                 "op_set": OPS, "blocks": [{"c_in": 8, "c_out": 8, "stride": 1}] * 4, "stem_channels": 8,
                 "num_classes": 10}
     result = {"arch_val_acc": 25.0, "test_acc": 24.0, "params": 1000, "layers": 4, "steps": 60}
-    write_report(tmp_path, metrics, _alpha_history(), genotype, result, {})
+    write_report(tmp_path, metrics, _alpha_history(), genotype, result)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "alpha_heatmaps.png", "alpha_over_time.png", "architecture.png", "curves.png"]
     assert "## Growth timeline" in (tmp_path / "summary.md").read_text()
