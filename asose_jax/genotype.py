@@ -12,6 +12,7 @@ The search writes it (``genotype.json``, :func:`asose_jax.utils.write_json`)::
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from asose_jax.errors import GenotypeError
@@ -28,7 +29,7 @@ def _rows(row) -> list:
     return row if isinstance(row, list) else [row]
 
 
-def load_genotype(path: str | Path, known_ops=tuple(OP_REGISTRY)) -> dict:
+def load_genotype(path: str | Path, known_ops: Collection[str] = OP_REGISTRY) -> dict:
     """Read a genotype JSON and check it (:func:`validate_genotype`); GenotypeError (one line) otherwise."""
     p = Path(path)
     if not p.is_file():
@@ -41,9 +42,9 @@ def load_genotype(path: str | Path, known_ops=tuple(OP_REGISTRY)) -> dict:
     return g
 
 
-def validate_genotype(genotype, known_ops=tuple(OP_REGISTRY), where: str = "genotype") -> None:
-    """Raise :class:`GenotypeError` (one line) unless ``genotype`` names known ops and describes a chain of
-    blocks whose channels connect."""
+def validate_genotype(genotype, known_ops: Collection[str] = OP_REGISTRY, where: str = "genotype") -> None:
+    """Raise :class:`GenotypeError` (one line) unless ``genotype`` names ``known_ops`` (default: the ops
+    registered at call time) and describes a chain of blocks whose channels connect."""
     if not isinstance(genotype, dict):
         raise GenotypeError(f"{where}: expected a JSON object")
     ops, blocks = genotype.get("ops"), genotype.get("blocks")

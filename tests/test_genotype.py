@@ -10,6 +10,7 @@ from asose_jax.config import PRIMITIVES
 from asose_jax.errors import GenotypeError
 from asose_jax.genotype import genotype_spec, load_genotype, validate_genotype
 from asose_jax.model import build_spec
+from asose_jax.ops import OP_REGISTRY
 from asose_jax.utils import write_json
 
 # stride-2 blocks (1, 3), a two-path block (1), parametric and parameter-free ops from the 10 primitives
@@ -42,6 +43,14 @@ def test_validation_names_the_problem_in_one_line(mutate, message):
     with pytest.raises(GenotypeError, match=message) as info:
         validate_genotype(g)
     assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_an_op_registered_after_import_is_a_known_op(monkeypatch):
+    monkeypatch.setitem(OP_REGISTRY, "late_op", OP_REGISTRY["conv_3x3"])
+    g = _copy()
+    g["ops"][0] = "late_op"
+    validate_genotype(g)
+    assert genotype_spec(g).ops[0] == "late_op"
 
 
 def test_load_round_trip_and_file_errors(tmp_path):
