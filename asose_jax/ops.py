@@ -29,11 +29,9 @@ Stats = dict[str, Any]
 BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-5
 
-# Depthwise formulation: "lax" (grouped conv), "shift" (k*k shifted multiply-adds that XLA fuses) or
-# "auto": shift where it measured faster on an H100 (scripts/bench_ops.py, docs/benchmarks.md "Per-primitive", all
-# four block shapes of the `original` network, C 32-128, both dtypes): dilation > 1; 3x3 up to the widest
-# measured width, SHIFT_3X3_MAX_CHANNELS; 7x7 in fp32. XLA's grouped conv stays for 5x5, for 7x7 in bf16 and for
-# 3x3 at widths not measured.
+# Depthwise formulation: "lax" (grouped conv), "shift" (k*k shifted multiply-adds that XLA fuses) or "auto": shift
+# where it measured faster (docs/benchmarks.md "Per-primitive"): dilation > 1, 3x3 up to SHIFT_3X3_MAX_CHANNELS (the
+# widest width measured), 7x7 in fp32; XLA's grouped conv elsewhere.
 DEPTHWISE_IMPL = {"impl": "auto"}
 SHIFT_3X3_MAX_CHANNELS = 128
 
