@@ -1,12 +1,12 @@
 """Architecture parameters: logits alpha ``[rows, num_ops]`` (one row per mixed op), batched
-Gumbel-softmax and entropy (``vmap`` over rows), the temperature schedule, and genotype derivation.
+Gumbel-softmax and entropy (``vmap`` over rows), and genotype derivation. The temperature schedule is
+``train_state.tau_schedule``.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from asose_jax.ops import OP_REGISTRY
 
@@ -50,11 +50,6 @@ def _entropy_row(logits: jax.Array) -> jax.Array:
 def entropy(alpha: jax.Array) -> jax.Array:
     """Entropy (nats) of softmax(alpha) per row ``[rows]``; stable for any finite logits."""
     return jax.vmap(_entropy_row)(alpha)
-
-
-def tau_schedule(tau_init: float, decay: float, tau_min: float) -> optax.Schedule:
-    """tau after ``n`` arch epochs: ``max(tau_min, tau_init * decay**n)``."""
-    return optax.exponential_decay(tau_init, transition_steps=1, decay_rate=decay, end_value=tau_min)
 
 
 def derive_genotype(alpha, ops: tuple[str, ...], exclude_none: bool = True,

@@ -135,8 +135,10 @@ def create_train_state(key: jax.Array, spec: NetSpec, cfg: Config, steps_per_epo
 
 
 def tau_schedule(cfg: Config) -> optax.Schedule:
-    """The Gumbel temperature as a function of the arch epochs done (``TrainState.arch_epochs``)."""
-    return arch.tau_schedule(cfg.arch.tau_init, cfg.arch.tau_decay, cfg.arch.tau_min)
+    """The Gumbel temperature after ``n`` arch epochs (``TrainState.arch_epochs``):
+    ``max(tau_min, tau_init * tau_decay**n)``."""
+    a = cfg.arch
+    return optax.exponential_decay(a.tau_init, transition_steps=1, decay_rate=a.tau_decay, end_value=a.tau_min)
 
 
 # ---------------------------------------------------------------------------------------------- loss, precision

@@ -1,5 +1,5 @@
-"""Tests for asose_jax.arch: batched Gumbel-softmax (soft / hard straight-through), entropy stability,
-the tau schedule and genotype derivation (the genotype file: tests/test_genotype.py)."""
+"""Tests for asose_jax.arch: batched Gumbel-softmax (soft / hard straight-through), entropy stability and
+genotype derivation (the genotype file: tests/test_genotype.py; the tau schedule: tests/test_train_state.py)."""
 from __future__ import annotations
 
 import math
@@ -103,16 +103,6 @@ def test_entropy_limits_and_stability():
     a = jnp.array([[0.3, -1.2, 2.0, 0.0]])
     p = np.asarray(jax.nn.softmax(a[0]))
     np.testing.assert_allclose(np.asarray(jax.jit(arch.entropy)(a)), [-(p * np.log(p)).sum()], rtol=1e-5)
-
-
-def test_tau_schedule():
-    sched = arch.tau_schedule(5.0, 0.98, 0.1)
-    for n in (0, 1, 2, 10, 50, 150):
-        assert float(sched(n)) == pytest.approx(max(0.1, 5.0 * 0.98 ** n), rel=1e-5)
-    assert float(sched(1000)) == pytest.approx(0.1)  # the floor
-    n_floor = math.ceil(math.log(0.1 / 5.0) / math.log(0.98))  # 194
-    assert float(sched(n_floor - 1)) > 0.1 and float(sched(n_floor)) == pytest.approx(0.1)
-    assert float(jax.jit(sched)(jnp.int32(3))) == pytest.approx(5.0 * 0.98 ** 3, rel=1e-5)
 
 
 def test_derive_genotype_excludes_none():

@@ -1,5 +1,5 @@
 """Tests for asose_jax.train_state: the LR schedule against PyTorch's CosineAnnealingWarmRestarts, the soft clip,
-and torch-like optimizer semantics (L2 weight decay added to the gradient)."""
+torch-like optimizer semantics (L2 weight decay added to the gradient) and the tau schedule."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from asose_jax import train_state
-from asose_jax.config import Config, OptimConfig
+from asose_jax.config import ArchConfig, Config, OptimConfig
 
 
 # ---------------------------------------------------------------------------------------------- schedules, clip
@@ -150,3 +150,13 @@ def test_gradient_clipping_applies_before_weight_decay():
     g = jnp.array([30.0, 40.0])
     u, _ = tx.update(g, tx.init(p), p)
     np.testing.assert_allclose(np.asarray(u), -(np.array([3.0, 4.0]) + 0.5 * np.array([1.0, 1.0])), rtol=1e-5)
+
+
+def test_tau_schedule():
+    sched = train_state.tau_schedule(Config(arch=ArchConfig(tau_init=5.0, tau_decay=0.98, tau_min=0.1)))
+    for n in (0, 1, 2, 10, 50, 150):
+        assert float(sched(n)) == pytest.approx(max(0.1, 5.0 * 0.98 ** n), rel=1e-5)
+    assert float(sched(1000)) == pytest.approx(0.1)  # the floor
+    n_floor = math.ceil(math.log(0.1 / 5.0) / math.log(0.98))  # 194
+    assert float(sched(n_floor - 1)) > 0.1 and float(sched(n_floor)) == pytest.approx(0.1)
+    assert float(jax.jit(sched)(jnp.int32(3))) == pytest.approx(5.0 * 0.98 ** 3, rel=1e-5)
