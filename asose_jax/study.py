@@ -15,11 +15,19 @@ Every network trains under the config's final recipe (``final.*``; ``final.enabl
   searched network with one random network.
 * ``uniform:OP``: OP on every path, on the blocks of each seed's searched network, trained with that seed.
 
-Outputs in the workdir: ``study.json`` (one record per trained network: config hash, kind, seed, search and
-final wall time, test accuracy plain and with TTA, val accuracy, weights, flops per image, final-training
-img/s, device, commit), ``study.md`` (mean ± std per kind, each kind's difference from the searched networks
-with its standard error and its cost difference, the networks) and ``study.png`` (accuracy against flops per
-image and against final-training time).
+The cost-aware search's weight can be swept: ``--set arch.cost_weight=0,0.1,0.3`` (a comma list for this key
+only) runs the searched networks once per lambda, in ``search_l<lambda>_s<seed>`` and
+``nets/searched_l<lambda>_s<seed>``, grouped as ``searched λ=<lambda>``; the baselines train once, on the blocks
+of the first lambda's searches.
+
+Outputs in the workdir: ``study.json`` (one record per trained network: config hash, kind, seed, the search's
+cost weight, search and final wall time, test and val accuracy plain and with TTA, weights, flops per image,
+final-training img/s, device, commit), ``study.md`` (mean ± std per kind, each kind's difference from the
+first searched group with its standard error next to its cost difference, the networks) and ``study.png``
+(accuracy against flops per image and against final-training time, the searched groups of a sweep joined in
+lambda order: the accuracy-cost frontier). The accuracy is the val accuracy (``final.val_size``'s held-out
+split, what decisions such as the choice of lambda may read) when every network has one, else the test
+accuracy (a reporting study, ``final.val_size=0``).
 
 Re-running the same command resumes: a search or final training picks up from its own checkpoints, and a
 network whose ``record.json`` exists (written atomically once it is done) is not trained again, so a kill -9
@@ -78,11 +86,13 @@ def final_network_cost(cfg: Config, genotype: dict) -> float:
 
 @dataclass(frozen=True)
 class Network:
-    """One trained network of a study. ``seed``: its training seed, and the search whose blocks it uses."""
+    """One trained network of a study. ``seed``: its training seed, and that of the search whose blocks it uses;
+    ``cost_weight``: the search's ``arch.cost_weight`` in a lambda sweep (None: the config's, no sweep)."""
     kind: str  # searched | random | uniform
     seed: int
     draw: int | None = None  # random: the seed of its op draw
     op: str | None = None  # uniform: its one op
+    cost_weight: float | None = None
 
     @property
     def name(self) -> str:
@@ -90,12 +100,23 @@ class Network:
             return f"random_d{self.draw}_s{self.seed}"
         if self.kind == "uniform":
             return f"uniform_{self.op}_s{self.seed}"
-        return f"searched_s{self.seed}"
+        return f"searched{_sweep_tag(self.cost_weight)}_s{self.seed}"
 
     @property
     def group(self) -> str:
-        """How study.md groups it: ``searched``, ``random`` or ``uniform:OP``."""
+        """How study.md groups it: ``searched`` (``searched λ=W`` in a sweep), ``random`` or ``uniform:OP``."""
+        if self.kind == "searched" and self.cost_weight is not None:
+            return f"searched λ={self.cost_weight:g}"
         return f"uniform:{self.op}" if self.kind == "uniform" else self.kind
+
+
+def _sweep_tag(cost_weight: float | None) -> str:
+    """``_l<lambda>`` in the names of a sweep's searches and searched networks; nothing outside a sweep."""
+    return "" if cost_weight is None else f"_l{cost_weight:g}"
+
+
+def search_dir_name(cost_weight: float | None, seed: int) -> str:
+    return f"search{_sweep_tag(cost_weight)}_s{seed}"
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -130,9 +151,29 @@ def parse_baselines(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def plan_networks(seeds: tuple[int, ...], baselines: tuple[tuple[str, str], ...]) -> list[Network]:
-    """The searched networks (seed order), then the baselines in the order given."""
-    nets = [Network("searched", s) for s in seeds]
+def parse_cost_weights(overrides: list[str]) -> tuple[list[str], tuple[float, ...] | None]:
+    """Take a lambda sweep, ``arch.cost_weight=W1,W2,...``, out of the ``--set`` items: ``(the other items, the
+    weights)``; ``(overrides, None)`` when no item gives a comma list. Each weight is checked with the config."""
+    key = "arch.cost_weight"
+    mine = [item for item in overrides if item.partition("=")[0].strip() == key]
+    if not any("," in item for item in mine):
+        return overrides, None
+    if len(mine) > 1:
+        raise UsageError(f"--set {key} is given {len(mine)} times: give the lambda sweep once")
+    raw = mine[0].partition("=")[2]
+    try:
+        weights = tuple(float(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--set {key}={raw!r}: expected numbers separated by commas, e.g. 0,0.1,0.3") from None
+    if not weights or len(set(weights)) != len(weights):
+        raise UsageError(f"--set {key}={raw!r}: give distinct numbers separated by commas, e.g. 0,0.1,0.3")
+    return [item for item in overrides if item not in mine], weights
+
+
+def plan_networks(seeds: tuple[int, ...], baselines: tuple[tuple[str, str], ...],
+                  cost_weights: tuple[float, ...] | None = None) -> list[Network]:
+    """The searched networks (per lambda of a sweep, in seed order), then the baselines in the order given."""
+    nets = [Network("searched", s, cost_weight=w) for w in (cost_weights or (None,)) for s in seeds]
     for kind, arg in baselines:
         if kind == "random":
             nets += [Network("random", seeds[j % len(seeds)], draw=j) for j in range(int(arg))]
@@ -180,27 +221,46 @@ def network_genotype(net: Network, searched: dict, cfg: Config) -> dict:
 # ---------------------------------------------------------------------------------------------- running
 
 def study_config(cfg: Config) -> Config:
-    """``cfg`` with its final training on (a study trains every network under ``final.*``)."""
+    """``cfg`` with its final training on (a study trains every network under ``final.*``), validated again:
+    ``final.val_size`` must leave images to train on."""
     if not cfg.final.enabled:
         logger.info("final.enabled=False in the config: the study trains every network under final.* anyway")
         cfg = replace(cfg, final=replace(cfg.final, enabled=True))
-    return cfg
+    return config_lib.validate(cfg)
 
 
-def run_searches(cfg: Config, workdir: Path, seeds: tuple[int, ...], progress: bool) -> dict[int, dict]:
-    """``{seed: {"genotype", "wall_s"}}``: each seed's search, run, resumed or read from ``study_search.json``."""
+def check_cost_weights(cfg: Config, cost_weights: tuple[float, ...] | None) -> None:
+    """Check each lambda of a sweep, and build the cost table of each cost-aware search's starting network:
+    a bad weight or a latency table lacking a shape stops the study before its first search."""
+    from asose_jax.cost import check_search_cost
+    for w in cost_weights or (None,):
+        check_search_cost(with_cost_weight(cfg, w))
+
+
+def with_cost_weight(cfg: Config, cost_weight: float | None) -> Config:
+    """``cfg`` with ``arch.cost_weight`` set (validated); ``cfg`` itself for None (no sweep)."""
+    if cost_weight is None:
+        return cfg
+    return config_lib.validate(replace(cfg, arch=replace(cfg.arch, cost_weight=cost_weight)))
+
+
+def run_searches(cfg: Config, workdir: Path, seeds: tuple[int, ...], cost_weights: tuple[float, ...] | None,
+                 progress: bool) -> dict[tuple, dict]:
+    """``{(cost_weight, seed): {"genotype", "wall_s"}}`` (cost_weight None outside a sweep): each search, run,
+    resumed or read from its ``study_search.json``."""
     out = {}
-    for seed in seeds:
-        sdir = workdir / f"search_s{seed}"
-        done = sdir / "study_search.json"
-        if not done.is_file():
-            scfg = replace(cfg, seed=seed, final=replace(cfg.final, enabled=False))
-            cli.check_workdir(sdir, scfg)
-            logger.info("study: search of seed %d in %s", seed, sdir)
-            result = search_network(scfg, sdir, progress)
-            genotype = json.loads((sdir / "genotype.json").read_text())
-            write_json(done, {"genotype": genotype, "wall_s": result["wall_s"]})
-        out[seed] = json.loads(done.read_text())
+    for w in cost_weights or (None,):
+        for seed in seeds:
+            sdir = workdir / search_dir_name(w, seed)
+            done = sdir / "study_search.json"
+            if not done.is_file():
+                scfg = replace(with_cost_weight(cfg, w), seed=seed, final=replace(cfg.final, enabled=False))
+                cli.check_workdir(sdir, scfg)
+                logger.info("study: search of seed %d%s in %s", seed, "" if w is None else f", λ={w:g}", sdir)
+                result = search_network(scfg, sdir, progress)
+                genotype = json.loads((sdir / "genotype.json").read_text())
+                write_json(done, {"genotype": genotype, "wall_s": result["wall_s"]})
+            out[(w, seed)] = json.loads(done.read_text())
     return out
 
 
@@ -210,32 +270,35 @@ def train_record(cfg: Config, net: Network, genotype: dict, search: dict | None,
     cli.check_workdir(ndir, ncfg)
     cli.write_config(ndir, ncfg)
     final = train_network(ncfg, genotype, ndir, progress)
+    cost_weight = (cfg.arch.cost_weight if net.cost_weight is None else net.cost_weight) if search else None
     return {"name": net.name, "kind": net.kind, "group": net.group, "seed": net.seed, "draw": net.draw,
-            "op": net.op, "config_hash": config_lib.config_hash(cfg),
+            "op": net.op, "cost_weight": cost_weight, "config_hash": config_lib.config_hash(cfg),
             "search_wall_s": search["wall_s"] if search else None, "final_wall_s": final["wall_s"],
             "test_acc": final["test_acc"], "test_acc_tta": final["test_acc_tta"], "tta": final.get("tta"),
-            "val_acc": final.get("val_acc"), "epochs": final["epochs"], "params": final["params"],
+            "val_acc": final.get("val_acc"), "val_acc_tta": final.get("val_acc_tta"), "val_size": final.get("val_size"),
+            "epochs": final["epochs"], "params": final["params"],
             "flops_per_image": final_network_cost(ncfg, genotype), "img_per_s": training_throughput(ndir),
             "device": final["device"], "commit": git_commit(), "genotype": genotype}
 
 
 def run_study(cfg: Config, workdir: Path, seeds: tuple[int, ...], baselines: tuple[tuple[str, str], ...],
-              progress: bool = True) -> list[dict]:
-    """Search, train every network of the plan (skipping those with a ``record.json``), and write the report
-    after each one; returns the records in plan order."""
-    searches = run_searches(cfg, workdir, seeds, progress)
-    nets = plan_networks(seeds, baselines)
+              progress: bool = True, cost_weights: tuple[float, ...] | None = None) -> list[dict]:
+    """Search (per lambda of a sweep), train every network of the plan (skipping those with a ``record.json``),
+    and write the report after each one; returns the records in plan order."""
+    searches = run_searches(cfg, workdir, seeds, cost_weights, progress)
+    nets = plan_networks(seeds, baselines, cost_weights)
+    blocks_from = cost_weights[0] if cost_weights else None  # the baselines' search
     records = []
     for i, net in enumerate(nets):
         ndir = workdir / "nets" / net.name
         done = ndir / "record.json"
         if not done.is_file():
             logger.info("study: network %d/%d, %s", i + 1, len(nets), net.name)
-            search = searches[net.seed] if net.kind == "searched" else None
-            genotype = network_genotype(net, searches[net.seed]["genotype"], cfg)
+            search = searches[(net.cost_weight, net.seed)] if net.kind == "searched" else None
+            genotype = network_genotype(net, (search or searches[(blocks_from, net.seed)])["genotype"], cfg)
             write_json(done, train_record(cfg, net, genotype, search, ndir, progress))
         records.append(json.loads(done.read_text()))
-        write_report(workdir, cfg, seeds, baselines, records)
+        write_report(workdir, cfg, seeds, baselines, records, cost_weights)
     return records
 
 
@@ -284,12 +347,22 @@ def groups(records: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def write_report(workdir: Path, cfg: Config, seeds, baselines, records: list[dict]) -> None:
+def write_report(workdir: Path, cfg: Config, seeds, baselines, records: list[dict],
+                 cost_weights: tuple[float, ...] | None = None) -> None:
     """``study.json``, ``study.md`` and ``study.png`` from the records so far."""
     write_json(workdir / "study.json", {"config_hash": config_lib.config_hash(cfg), "seeds": list(seeds),
-                                        "baselines": [f"{k}:{a}" for k, a in baselines], "records": records})
+                                        "baselines": [f"{k}:{a}" for k, a in baselines],
+                                        "cost_weights": list(cost_weights) if cost_weights else None,
+                                        "records": records})
     plot_accuracy_vs_cost(records, workdir / "study.png", workdir.name)
     (workdir / "study.md").write_text(study_markdown(workdir.name, records, "study.png"))
+
+
+def plotted_accuracy(records: list[dict]) -> tuple[str, str]:
+    """``(record key, label)`` of the accuracy the figure shows: val where every network has one, else test."""
+    if records and all(r.get("val_acc") is not None for r in records):
+        return "val_acc", "val accuracy (%, final.val_size held out)"
+    return "test_acc", "test accuracy (%)"
 
 
 def _pm(mean: float | None, spread: float | None, nd: int = 2, signed: bool = False) -> str:
@@ -300,51 +373,56 @@ def _pm(mean: float | None, spread: float | None, nd: int = 2, signed: bool = Fa
     return text if spread is None else f"{text} ± {spread:.{nd}f}"
 
 
-def _relative(group: list[float], searched: list[float]) -> str:
-    """How much larger the group's mean is than the searched networks' mean, in percent."""
-    mg, ms = mean_std(group)[0], mean_std(searched)[0]
-    return "-" if mg is None or not ms else f"{100.0 * (mg / ms - 1.0):+.1f} %"
+def _relative(group: list[float], reference: list[float]) -> str:
+    """How much larger the group's mean is than the reference group's mean, in percent."""
+    mg, mr = mean_std(group)[0], mean_std(reference)[0]
+    return "-" if mg is None or not mr else f"{100.0 * (mg / mr - 1.0):+.1f} %"
 
 
 def _column(records: list[dict], key: str, scale: float = 1.0) -> list[float | None]:
     return [None if r.get(key) is None else r[key] * scale for r in records]
 
 
+ACCURACIES = (("val_acc", "val"), ("val_acc_tta", "val TTA"), ("test_acc", "test"), ("test_acc_tta", "test TTA"))
+COSTS = (("flops_per_image", "flops"), ("params", "weights"), ("img_per_s", "final img/s"))
+
+
 def kind_table(by_group: dict[str, list[dict]]) -> list[str]:
     """Mean ± std per kind: accuracies and costs."""
-    lines = ["| kind | n | test % | TTA % | val % | weights (M) | MFLOPs / image | final img/s | final s | search s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kind | n | " + " | ".join(f"{label} %" for _, label in ACCURACIES)
+             + " | weights (M) | MFLOPs / image | final img/s | final s | search s |", "|---" * 11 + "|"]
     for name, recs in by_group.items():
-        cells = [_pm(*mean_std(_column(recs, k, scale)), nd) for k, scale, nd in (
-            ("test_acc", 1, 2), ("test_acc_tta", 1, 2), ("val_acc", 1, 2), ("params", 1e-6, 3),
-            ("flops_per_image", 1e-6, 1), ("img_per_s", 1, 0), ("final_wall_s", 1, 1), ("search_wall_s", 1, 1))]
+        cells = [_pm(*mean_std(_column(recs, k)), 2) for k, _ in ACCURACIES]
+        cells += [_pm(*mean_std(_column(recs, k, scale)), nd) for k, scale, nd in (
+            ("params", 1e-6, 3), ("flops_per_image", 1e-6, 1), ("img_per_s", 1, 0), ("final_wall_s", 1, 1),
+            ("search_wall_s", 1, 1))]
         lines.append(f"| {name} | {len(recs)} | " + " | ".join(cells) + " |")
     return lines
 
 
 def difference_table(by_group: dict[str, list[dict]]) -> list[str]:
-    """Each kind against the searched networks: accuracy differences ± standard error, and cost differences."""
-    searched = by_group.get("searched", [])
-    lines = ["| kind | Δ test (points) | Δ TTA (points) | Δ val (points) | flops | weights | final img/s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, recs in by_group.items():
-        if name == "searched":
-            continue
-        accs = [_pm(*difference(_column(recs, k), _column(searched, k)), signed=True)
-                for k in ("test_acc", "test_acc_tta", "val_acc")]
-        costs = [_relative(_column(recs, k), _column(searched, k)) for k in ("flops_per_image", "params", "img_per_s")]
+    """Each kind against the first group (the searched networks, the first lambda of a sweep): accuracy
+    differences ± standard error, and next to them the cost differences."""
+    reference = next(iter(by_group.values()), [])
+    lines = ["| kind | " + " | ".join(f"Δ {label} (points)" for _, label in ACCURACIES) + " | "
+             + " | ".join(f"{label} vs reference" for _, label in COSTS) + " |", "|---" * 8 + "|"]
+    for name, recs in list(by_group.items())[1:]:
+        accs = [_pm(*difference(_column(recs, k), _column(reference, k)), signed=True) for k, _ in ACCURACIES]
+        costs = [_relative(_column(recs, k), _column(reference, k)) for k, _ in COSTS]
         lines.append(f"| {name} | " + " | ".join(accs + costs) + " |")
     return lines
 
 
 def network_table(records: list[dict]) -> list[str]:
-    lines = ["| network | seed | test % | TTA % | val % | weights (M) | MFLOPs | final img/s | final s | ops |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| network | seed | λ | val % | test % | test TTA % | weights (M) | MFLOPs | final img/s | final s "
+             "| ops |", "|---" * 11 + "|"]
     for r in records:
         ops = ", ".join("+".join(row) if isinstance(row, list) else row for row in r["genotype"]["ops"])
-        lines.append(f"| {r['name']} | {r['seed']} | {_pm(r['test_acc'], None)} | {_pm(r['test_acc_tta'], None)} | "
-                     f"{_pm(r['val_acc'], None)} | {r['params'] / 1e6:.3f} | {r['flops_per_image'] / 1e6:.1f} | "
-                     f"{_pm(r['img_per_s'], None, 0)} | {r['final_wall_s']:.1f} | {ops} |")
+        lam = "-" if r.get("cost_weight") is None else f"{r['cost_weight']:g}"
+        lines.append(f"| {r['name']} | {r['seed']} | {lam} | {_pm(r.get('val_acc'), None)} | "
+                     f"{_pm(r['test_acc'], None)} | {_pm(r['test_acc_tta'], None)} | {r['params'] / 1e6:.3f} | "
+                     f"{r['flops_per_image'] / 1e6:.1f} | {_pm(r['img_per_s'], None, 0)} | {r['final_wall_s']:.1f} | "
+                     f"{ops} |")
     return lines
 
 
@@ -352,45 +430,65 @@ def study_markdown(name: str, records: list[dict], png: str) -> str:
     by_group = groups(records)
     devices = sorted({r["device"] for r in records})
     commits = sorted({str(r["commit"]) for r in records})
+    reference = next(iter(by_group), "searched")
+    label = plotted_accuracy(records)[1].split(" (")[0]
     lines = [f"# Study `{name}`", "",
              f"- {len(records)} networks; config hash {records[0]['config_hash'] if records else '-'}; "
              f"device {', '.join(devices) or '-'}; commit {', '.join(commits) or '-'}",
-             "- test accuracy: read once, at the end of each final training; nothing in the study depends on it. "
-             "val accuracy: the held-out part of the training images (`-` where the final training keeps none).",
-             "- mean ± sample standard deviation per kind; differences are kind minus searched, ± the standard error "
-             "sqrt(s_k^2/n_k + s_s^2/n_s) (shown where both kinds have two or more networks); cost columns give "
-             "the kind's mean relative to the searched networks' mean.", "",
+             "- val accuracy: the final training's held-out split (`final.val_size` of the training images), what "
+             "decisions (a recipe, a cost weight λ) may read; `-` in a reporting study (`final.val_size=0`). "
+             "Test accuracy: read once, at the end of each final training; nothing in the study depends on it.",
+             "- mean ± sample standard deviation per kind; differences are kind minus the reference "
+             f"(`{reference}`), ± the standard error sqrt(s_k^2/n_k + s_r^2/n_r) (shown where both have two or more "
+             "networks); the cost columns next to them give the kind's mean relative to the reference's mean, so "
+             "an accuracy difference reads together with what it costs.", "",
              "## Per kind", "", *kind_table(by_group), "",
-             "## Against the searched networks", "", *difference_table(by_group), "",
-             f"![test accuracy against flops per image and final-training time]({png})", "",
+             f"## Against `{reference}`", "", *difference_table(by_group), "",
+             f"![{label} against flops per image and final-training time]({png})", "",
              "## Networks", "", *network_table(records), ""]
     return "\n".join(lines)
 
 
 def plot_accuracy_vs_cost(records: list[dict], path: Path, title: str) -> None:
-    """Test accuracy against flops per image (left) and final-training wall time (right): one dot per network,
-    and per kind its mean ± std in both coordinates."""
+    """Accuracy (:func:`plotted_accuracy`) against flops per image (left) and final-training wall time (right):
+    one dot per network and per kind its mean ± std in both coordinates; the searched groups of a lambda sweep
+    joined in lambda order (the accuracy-cost frontier of the search)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    acc_key, acc_label = plotted_accuracy(records)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+    frontier: list[tuple[float, list]] = []  # (lambda, [(mean x, mean y) per panel])
     for (name, recs), color in zip(groups(records).items(), plt.get_cmap("tab10").colors):
-        acc = _column(recs, "test_acc")
+        acc = _column(recs, acc_key)
+        means = []
         for ax, key, scale in ((axes[0], "flops_per_image", 1e-6), (axes[1], "final_wall_s", 1.0)):
             x = _column(recs, key, scale)
             ax.scatter(x, acc, color=color, alpha=0.45, s=28)
             (mx, sx), (my, sy) = mean_std(x), mean_std(acc)
             ax.errorbar([mx], [my], xerr=sx, yerr=sy, fmt="o", color=color, markersize=9, markeredgecolor="black",
                         capsize=4, label=f"{name} (n={len(recs)}): mean ± std")
+            means.append((mx, my))
+        if recs[0]["kind"] == "searched" and recs[0].get("cost_weight") is not None:
+            frontier.append((recs[0]["cost_weight"], means))
+    if len(frontier) > 1:
+        frontier.sort(key=lambda f: f[0])
+        for p, ax in enumerate(axes):
+            xs, ys = [m[p][0] for _, m in frontier], [m[p][1] for _, m in frontier]
+            ax.plot(xs, ys, "--", color="0.35", zorder=0, label="searched, λ in increasing order" if p == 0 else None)
+            for (w, _), x, y in zip(frontier, xs, ys):
+                ax.annotate(f"λ={w:g}", (x, y), textcoords="offset points", xytext=(8, -12), fontsize=9)
     axes[0].set_xlabel("flops per image of the final network (millions)")
     axes[1].set_xlabel("final-training wall time (s)")
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylabel(acc_label)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9, frameon=False)
-    fig.suptitle(f"Study {title}: test accuracy against cost (one dot per network)")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=9, frameon=False)
+    fig.suptitle(f"Study {title}: {acc_label.split(' (')[0]} against cost (one dot per network)")
+    rows = -(-len(labels) // 3)
+    fig.tight_layout(rect=(0, 0.05 + 0.05 * rows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -401,7 +499,9 @@ EPILOG = ("examples:\n"
           "  python -m asose_jax.study --config configs/cifar10_95.py --seeds 0,1,2 "
           "--baselines random:3,uniform:sep_conv_3x3 --workdir runs/study\n"
           "  python -m asose_jax.study --config configs/study_smoke.py --seeds 0,1 "
-          "--baselines random:1,uniform:conv_3x3")
+          "--baselines random:1,uniform:conv_3x3\n"
+          "  python -m asose_jax.study --config configs/study_smoke.py --seeds 0 --baselines uniform:conv_3x3 "
+          "--set arch.cost_weight=0,1   # a cost-weight sweep")
 
 
 def build_parser():
@@ -427,14 +527,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def study() -> None:
         seeds, baselines = parse_seeds(args.seeds), parse_baselines(args.baselines)
+        args.overrides, cost_weights = parse_cost_weights(args.overrides)
+        if cost_weights:  # the study's own config (its hash, its workdir check) carries the first lambda
+            args.overrides.append(f"arch.cost_weight={cost_weights[0]!r}")
         check_has_final(args)
         cfg, name = cli.resolve_config(args)
         cfg = study_config(cfg)
+        check_cost_weights(cfg, cost_weights)
         run["workdir"] = workdir = Path(args.workdir or Path("runs") / f"study_{name}")
         run["created"] = cli.check_workdir(workdir, cfg)
         cli.write_config(workdir, cfg)
         cli.enable_compilation_cache()
-        records = run_study(cfg, workdir, seeds, baselines, progress=not args.no_progress)
+        records = run_study(cfg, workdir, seeds, baselines, progress=not args.no_progress, cost_weights=cost_weights)
         print(f"{len(records)} networks; {workdir / 'study.md'}")
 
     def forget_new_workdir() -> None:

@@ -1,7 +1,7 @@
 """Tests for asose_jax.study: the plan and the baseline genotypes, bad input (exit 2, one line), and a whole
 study on synthetic data (``configs/study_smoke.py``, seeds 0 and 1, baselines random:1 and uniform:conv_3x3)
 end to end, then once more killed with SIGKILL in the middle of a final training and re-run: its study.json
-equals the uninterrupted one's, timing fields aside.
+equals the uninterrupted one's, timing fields aside; and a sweep of the cost weight (two lambdas, one seed).
 
 The end-to-end runs are subprocesses sharing one persistent XLA cache, so the second one compiles little."""
 from __future__ import annotations
@@ -75,6 +75,23 @@ def test_random_ops_draw_what_a_genotype_may_hold_and_respect_the_cap():
         "sep_conv_3x3", "dil_conv_3x3"}
 
 
+def test_a_cost_weight_sweep_plans_the_searched_networks_once_per_lambda():
+    overrides, weights = study.parse_cost_weights(["final.lr=0.2", "arch.cost_weight=0, 0.1,0.3"])
+    assert overrides == ["final.lr=0.2"] and weights == (0.0, 0.1, 0.3)
+    assert study.parse_cost_weights(["arch.cost_weight=0.1"]) == (["arch.cost_weight=0.1"], None)  # one value
+    nets = study.plan_networks((0, 1), study.parse_baselines("uniform:conv_3x3"), (0.0, 0.1))
+    assert [n.name for n in nets] == ["searched_l0_s0", "searched_l0_s1", "searched_l0.1_s0", "searched_l0.1_s1",
+                                      "uniform_conv_3x3_s0", "uniform_conv_3x3_s1"]
+    assert [n.group for n in nets[1:3]] == ["searched λ=0", "searched λ=0.1"]
+    assert study.search_dir_name(0.1, 1) == "search_l0.1_s1" and study.search_dir_name(None, 1) == "search_s1"
+
+
+@pytest.mark.parametrize("text, message", [("0,a", "expected numbers"), ("0,0", "distinct"), (",", "distinct")])
+def test_bad_cost_weight_sweeps_are_refused(text, message):
+    with pytest.raises(UsageError, match=message):
+        study.parse_cost_weights([f"arch.cost_weight={text}"])
+
+
 def test_difference_and_its_standard_error():
     diff, se = study.difference([2.0, 4.0], [1.0, 2.0, 3.0])
     assert diff == pytest.approx(1.0)
@@ -96,6 +113,9 @@ def _no_final_config(tmp_path: Path) -> Path:
     (["--seeds", "0", "--baselines", "random:3,best:1"], "unknown baseline 'best:1'"),
     (["--seeds", "0", "--baselines", "uniform:nope"], "unknown op 'nope'"),
     (["--seeds", "0", "--set", "model.ops=sep_conv_3x3,nope"], "model.ops"),
+    (["--seeds", "0", "--set", "arch.cost_weight=0,x"], "expected numbers"),
+    (["--seeds", "0", "--set", "arch.cost_weight=0.1,-1"], "arch.cost_weight=-1.0 is out of range"),
+    (["--seeds", "0", "--set", "final.val_size=300"], "final.val_size=300 is out of range"),
     (["--seeds", "0", "--config", "NO_FINAL"], "has no final section")])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     args = [str(_no_final_config(tmp_path)) if a == "NO_FINAL" else a for a in args]
@@ -118,12 +138,12 @@ def _env(cache: Path) -> dict:
     return {**os.environ, "ASOSE_JAX_CACHE": str(cache), "ASOSE_JAX_CACHE_MIN_COMPILE_S": "0", "JAX_PLATFORMS": "cpu"}
 
 
-def _study_cmd(workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "asose_jax.study", *STUDY, "--workdir", str(workdir)]
+def _study_cmd(workdir: Path, args: list[str] = STUDY) -> list[str]:
+    return [sys.executable, "-m", "asose_jax.study", *args, "--workdir", str(workdir)]
 
 
-def run_study(cache: Path, workdir: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_study_cmd(workdir), cwd=ROOT, env=_env(cache), capture_output=True, text=True,
+def run_study(cache: Path, workdir: Path, args: list[str] = STUDY) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_study_cmd(workdir, args), cwd=ROOT, env=_env(cache), capture_output=True, text=True,
                           timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -170,14 +190,15 @@ def test_study_trains_every_network_and_reports(reference):
     assert list(records) == NAMES and doc["seeds"] == [0, 1]
     for r in records.values():
         assert 0 <= r["test_acc"] <= 100 and r["params"] > 0 and r["flops_per_image"] > 0 and r["img_per_s"] > 0
-        assert r["val_acc"] is None and r["epochs"] == 2 and r["device"].startswith("cpu")
+        assert 0 <= r["val_acc"] <= 100 and r["val_size"] == 64 and r["epochs"] == 2 and r["device"].startswith("cpu")
+        assert r["cost_weight"] == (0.0 if r["kind"] == "searched" else None)
         assert (r["search_wall_s"] is not None) == (r["kind"] == "searched")
     searched = json.loads((reference / "search_s0" / "genotype.json").read_text())
     assert records["searched_s0"]["genotype"] == searched
     assert records["random_d0_s0"]["genotype"]["blocks"] == searched["blocks"]
     assert set(records["uniform_conv_3x3_s1"]["genotype"]["ops"]) == {"conv_3x3"}
     md = (reference / "study.md").read_text()
-    for heading in ("## Per kind", "## Against the searched networks", "## Networks", "![test accuracy"):
+    for heading in ("## Per kind", "## Against `searched`", "## Networks", "![val accuracy"):
         assert heading in md
     assert "| uniform:conv_3x3 | 2 |" in md and (reference / "study.png").stat().st_size > 10_000
 
@@ -197,3 +218,23 @@ def test_a_changed_config_is_refused_in_the_same_workdir(reference, capsys):
     rc = study.main([*STUDY, "--set", "final.lr=0.2", "--workdir", str(reference), "-q"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "holds a run with a different config" in err and "\n" not in err
+
+
+def test_cost_weight_sweep_runs_the_searched_networks_once_per_lambda(xla_cache, tmp_path):
+    workdir = tmp_path / "sweep"
+    run_study(xla_cache, workdir, ["--config", "configs/study_smoke.py", "--seeds", "0", "--baselines",
+                                   "uniform:conv_3x3", "--set", "arch.cost_weight=0,1", "--no-progress"])
+    doc = json.loads((workdir / "study.json").read_text())
+    assert doc["cost_weights"] == [0.0, 1.0]
+    records = {r["name"]: r for r in doc["records"]}
+    assert list(records) == ["searched_l0_s0", "searched_l1_s0", "uniform_conv_3x3_s0"]
+    assert [r["cost_weight"] for r in records.values()] == [0.0, 1.0, None]
+    for w in (0, 1):
+        search_cfg = json.loads((workdir / f"search_l{w}_s0" / "config.json").read_text())["config"]
+        assert search_cfg["arch"]["cost_weight"] == w
+        assert records[f"searched_l{w}_s0"]["genotype"] == json.loads(
+            (workdir / f"search_l{w}_s0" / "genotype.json").read_text())
+    assert records["uniform_conv_3x3_s0"]["genotype"]["blocks"] == records["searched_l0_s0"]["genotype"]["blocks"]
+    md = (workdir / "study.md").read_text()
+    assert "## Against `searched λ=0`" in md and "| searched λ=1 | " in md and "| uniform:conv_3x3 | " in md
+    assert (workdir / "study.png").stat().st_size > 10_000
