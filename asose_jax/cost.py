@@ -134,8 +134,9 @@ def latency_table(spec: NetSpec, path: str | Path, precision: str, image_size: i
             key = latency_key(op, shape, precision)
             if key not in measured:
                 raise ConfigError(f"arch.cost: latency table {path} has no {precision} entry for {op} at "
-                                  f"{shape.label()} (row {r}); measure it with scripts/bench_ops.py --shapes "
-                                  f"{shape.channels}/{shape.height}/{shape.stride} --latency-out PATH")
+                                  f"{shape.label()} (row {r}); add it on the target GPU with scripts/bench_ops.py "
+                                  f"--no-torch --shapes {shape.channels}/{shape.height}/{shape.stride} --precisions "
+                                  f"{precision} --latency-out {path}")
             row.append(measured[key])
         rows.append(row)
     return np.array(rows, np.float64)

@@ -30,7 +30,8 @@ Usage::
 
 ``--latency-out PATH`` also writes the per-op, per-shape latency table that ``arch.cost=latency:PATH`` reads
 (``asose_jax.cost``): one entry per (op, C, H, stride, precision) with the JAX time of the depthwise impl that
-training uses (``jax_auto_ms``). ``--config PATH`` benchmarks the row shapes of that config's initial
+training uses (``jax_auto_ms``). An existing table at PATH (same device and measure) keeps the entries this run
+does not measure again, so ``--shapes C/H/stride --latency-out PATH`` adds a shape a search lacks. ``--config PATH`` benchmarks the row shapes of that config's initial
 network (``asose_jax.cost.row_shapes``) instead of the default list; ``--convert BENCH.json`` writes the
 table from an earlier run's JSON without timing anything.
 
@@ -122,7 +123,8 @@ def build_argparser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default=None, metavar="PATH",
                     help="benchmark the row shapes of this config's initial network (replaces the default list)")
     ap.add_argument("--latency-out", default=None, metavar="PATH",
-                    help="also write the latency table that arch.cost=latency:PATH reads")
+                    help="also write the latency table that arch.cost=latency:PATH reads (entries are added "
+                         "to an existing table of the same device)")
     ap.add_argument("--convert", default=None, metavar="BENCH_JSON",
                     help="time nothing: write --latency-out from an earlier run's JSON")
     ap.add_argument("--out", default="docs/results/bench_ops_h100.json", help="JSON output, rewritten after each row (default docs/results/bench_ops_h100.json)")
@@ -394,6 +396,27 @@ def latency_doc(meta: dict, rows: list[dict], source: str) -> dict:
             "device": meta["jax_device"], "date": meta["date"], "versions": meta["versions"], "entries": entries}
 
 
+def merged_latency(path: str, doc: dict) -> dict:
+    """``doc`` plus the entries of the table already at ``path`` that it does not measure again, so that measuring
+    a missing shape adds it to a table. A table measured on another device or another way is refused."""
+    if not os.path.exists(path):
+        return doc
+    with open(path) as fh:
+        old = json.load(fh)
+    if not isinstance(old, dict) or old.get("format") != doc["format"]:
+        raise SystemExit(f"--latency-out {path} exists and is not a latency table: give another path")
+    for field in ("device", "measure"):
+        if old.get(field) != doc[field]:
+            raise SystemExit(f"--latency-out {path} holds entries with {field} {old.get(field)!r}, this run's is "
+                             f"{doc[field]!r}: give another path")
+
+    def key(e: dict) -> tuple:
+        return e["op"], e["channels"], e["height"], e["stride"], e["precision"]
+    measured = {key(e) for e in doc["entries"]}
+    kept = [e for e in old["entries"] if key(e) not in measured]
+    return {**doc, "source": f"{old['source']}; then {doc['source']}", "entries": kept + doc["entries"]}
+
+
 def write_latency(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -592,7 +615,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_outputs(args.out, args.md, meta, rows, with_cl, done=True)
     if args.latency_out:
         source = "scripts/bench_ops.py " + " ".join(meta["args"]["argv"])
-        write_latency(args.latency_out, latency_doc(meta, rows, source))
+        write_latency(args.latency_out, merged_latency(args.latency_out, latency_doc(meta, rows, source)))
     log("")
     log(text_table(rows, with_cl))
     log(f"\n[bench_ops] {len(rows)} rows in {meta['elapsed_s']:.1f}s -> {args.out}, {args.md}")

@@ -2,6 +2,7 @@
 term of the arch loss (its gradient, and that minimising it alone picks every row's cheapest op)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -140,6 +141,31 @@ def test_bench_ops_writes_a_table_that_covers_the_configs_network(tmp_path):
     table = cost.cost_table(build_spec("resnet", 4, 2, ops), f"latency:{out}", "fp32")
     chex.assert_shape(table, (2, 2))
     assert np.all(table > 0)
+
+
+def _bench_ops():
+    spec = importlib.util.spec_from_file_location("bench_ops", REPO / "scripts" / "bench_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_ops_adds_measured_shapes_to_an_existing_table_of_the_same_device(tmp_path):
+    bench_ops = _bench_ops()
+
+    def table(source: str, device: str, *entries) -> dict:
+        return {"format": cost.LATENCY_FORMAT, "source": source, "measure": "batch 2", "device": device,
+                "entries": [{"op": op, "channels": c, "height": 8, "stride": 1, "precision": "fp32", "ms": ms}
+                            for op, c, ms in entries]}
+    path = tmp_path / "latency.json"
+    assert bench_ops.merged_latency(str(path), table("b", "cpu", ("conv_3x3", 8, 1.0))) == table(
+        "b", "cpu", ("conv_3x3", 8, 1.0))  # nothing there yet
+    path.write_text(json.dumps(table("a", "cpu", ("conv_3x3", 8, 1.0), ("conv_3x3", 16, 2.0))))
+    merged = bench_ops.merged_latency(str(path), table("b", "cpu", ("conv_3x3", 16, 3.0), ("conv_3x3", 48, 4.0)))
+    assert [(e["channels"], e["ms"]) for e in merged["entries"]] == [(8, 1.0), (16, 3.0), (48, 4.0)]
+    assert merged["source"] == "a; then b"
+    with pytest.raises(SystemExit, match="device 'cpu', this run's is 'gpu'"):
+        bench_ops.merged_latency(str(path), table("b", "gpu", ("conv_3x3", 48, 4.0)))
 
 
 def test_forward_flops_of_a_dense_layer():
