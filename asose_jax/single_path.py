@@ -201,11 +201,10 @@ def _block_fwd(ops: tuple[str, ...], block: BlockSpec, choice: tuple[int, ...], 
     """One block with op ``choice[p]`` on path ``p``; ``params``/``stats`` hold only the input conv and the
     chosen ops (``_chosen``). Returns (out, their new stats, VJP over (params, h, coeff))."""
     spec = NetSpec("", 0, (block,), ops)
-    sels = [{"op": choice[p], "coeff": coeff[p]} for p in range(block.n_paths)]
 
     def f(prm, inp, c):
-        return apply_block(spec, block, prm, stats, inp, [{**s, "coeff": c[p]} for p, s in enumerate(sels)],
-                           "fixed", True)
+        sels = [{"op": op, "coeff": c[p]} for p, op in enumerate(choice)]
+        return apply_block(spec, block, prm, stats, inp, sels, "fixed", True)
     return _vjp_aux(f, params, h, coeff)
 
 
