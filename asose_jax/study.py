@@ -477,8 +477,8 @@ def plot_accuracy_vs_cost(records: list[dict], path: Path, title: str) -> None:
         for p, ax in enumerate(axes):
             xs, ys = [m[p][0] for _, m in frontier], [m[p][1] for _, m in frontier]
             ax.plot(xs, ys, "--", color="0.35", zorder=0, label="searched, λ in increasing order" if p == 0 else None)
-            for (w, _), x, y in zip(frontier, xs, ys):
-                ax.annotate(f"λ={w:g}", (x, y), textcoords="offset points", xytext=(8, -12), fontsize=9)
+            for i, ((w, _), x, y) in enumerate(zip(frontier, xs, ys)):  # labels alternate below and above
+                ax.annotate(f"λ={w:g}", (x, y), textcoords="offset points", xytext=(8, (-14, 6)[i % 2]), fontsize=9)
     axes[0].set_xlabel("flops per image of the final network (millions)")
     axes[1].set_xlabel("final-training wall time (s)")
     axes[0].set_ylabel(acc_label)
