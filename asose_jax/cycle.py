@@ -35,23 +35,19 @@ from asose_jax.utils import LOG_EVERY, device_name, write_json, write_jsonl
 logger = logging.getLogger(__name__)
 
 
-class _Flag:
-    requested = False
-
-
 @contextlib.contextmanager
 def ctrl_c_flag():
-    """While active, a first Ctrl-C only sets ``flag.requested`` (the loop stops at the next step boundary
-    with KeyboardInterrupt, from Python code, so no C++ call can swallow it); a second one interrupts at once."""
-    flag = _Flag()
+    """While active, a first Ctrl-C only sets the yielded event (the loop stops at the next step boundary with
+    KeyboardInterrupt, from Python code, so no C++ call can swallow it); a second one interrupts at once."""
+    flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield None
         return
 
     def handler(signum, frame):
-        if flag.requested:
+        if flag.is_set():
             raise KeyboardInterrupt
-        flag.requested = True
+        flag.set()
         print("stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -321,7 +317,7 @@ class Run:
         return self.finish()
 
     def _interrupted(self) -> bool:
-        return self._interrupt is not None and self._interrupt.requested
+        return self._interrupt is not None and self._interrupt.is_set()
 
     def _run_tasks(self) -> None:
         while self.task_index < len(self.tasks):
