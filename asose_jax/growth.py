@@ -46,7 +46,7 @@ import numpy as np
 
 from asose_jax import mixed_op
 from asose_jax.config import GrowthConfig
-from asose_jax.model import (BlockSpec, NetSpec, apply_network, count_params, init_block, init_path,
+from asose_jax.model import (NetSpec, apply_network, count_params, init_block, init_path, skeleton_block,
                              uses_path_scale)
 from asose_jax.ops import DEPTHWISE, FULL, OP_REGISTRY, REDUCE_HIGH, REDUCE_LOW
 
@@ -207,25 +207,18 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array,
     position = int(position)
     if not 0 <= position <= len(spec.blocks):
         raise ValueError(f"deepen position {position} outside 0..{len(spec.blocks)}")
-    if spec.skeleton == "resnet":
-        residual = True
-    elif spec.skeleton == "original":
-        residual = False
+    if spec.skeleton == "original":
         if "skip_connect" not in spec.ops:
             raise ValueError("deepen on the 'original' skeleton needs 'skip_connect' in the op set "
                              f"(ops: {', '.join(spec.ops)})")
         if not 0 < skip_prob < 1:
             raise ValueError(f"deepen skip_prob {skip_prob} outside (0, 1)")
-    else:
-        raise ValueError(f"unknown skeleton {spec.skeleton!r}")
     c = channels_at(spec, position)
-    block = BlockSpec(c, c, 1, 0, 1, residual=residual, n_paths=1)
+    block = skeleton_block(spec.skeleton, c, c, 1)  # no input conv; residual on resnet only
     new_spec = dataclasses.replace(spec, blocks=spec.blocks[:position] + (block,) + spec.blocks[position:])
     k_w, k_a = jax.random.split(key)
-    bp, bs = init_block(k_w, new_spec, block)
-    if "path_scale" in bp:
-        bp["path_scale"] = jnp.zeros_like(bp["path_scale"])
-    if residual:
+    bp, bs = init_block(k_w, new_spec, block, path_scale_init=0.0)
+    if block.residual:
         new_row = NEW_ROW_SCALE * jax.random.normal(k_a, (len(spec.ops),), jnp.float32)
     else:
         new_row = _skip_row(state.alpha, spec.ops, skip_prob)
@@ -235,10 +228,8 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array,
         blocks.insert(position, new_block)
         return {**tree, "blocks": blocks}
 
-    old_offs = spec.row_offsets() + (spec.num_rows,)
-    r = old_offs[position]
-    row_map = list(range(r)) + [None] + list(range(r, spec.num_rows))
-    a_transfer = _rows_transfer(row_map)
+    r = (spec.row_offsets() + (spec.num_rows,))[position]
+    a_transfer = _rows_transfer(list(range(r)) + [None] + list(range(r, spec.num_rows)))
     params = w_transfer(state.params, bp)
     stats = w_transfer(state.batch_stats, bs)
     alpha = a_transfer(state.alpha, new_row[None])
