@@ -15,8 +15,7 @@ import numpy as np  # noqa: E402
 from asose_jax.config import tta_label
 from asose_jax.utils import write_json
 
-PHASE_COLORS = {"warmup": "tab:gray", "weight": "tab:blue", "arch": "tab:orange", "retrain": "tab:green",
-                "final": "tab:purple"}
+PHASE_COLORS = {"warmup": "tab:gray", "weight": "tab:blue", "arch": "tab:orange", "retrain": "tab:green"}
 
 
 Row = tuple[int, int]  # an alpha row's identity: (block index in the final net, path index in that block)

@@ -18,7 +18,7 @@ from asose_jax import arch
 from asose_jax.config import Config
 from asose_jax.model import NetSpec, init_network
 
-PHASES = ("warmup", "weight", "arch", "retrain", "final")
+PHASES = ("warmup", "weight", "arch", "retrain")
 
 
 @flax.struct.dataclass
