@@ -75,10 +75,16 @@ def check_registered_names(cfg: Config) -> Config:
         check(op in ops.OP_REGISTRY, "model.ops", " | ".join(ops.OP_REGISTRY), op)
     modes = mixed_op.MODES
     trainable = tuple(name for name, mode in modes.items() if mode.trainable)
+    evaluable = tuple(name for name, mode in modes.items() if mode.draw is None)
     check(mo.mode in modes, "mixed_op.mode", " | ".join(modes), mo.mode)
-    check(mo.eval_mode in modes, "mixed_op.eval_mode", " | ".join(modes), mo.eval_mode)
+    check(mo.eval_mode in evaluable, "mixed_op.eval_mode", " | ".join(evaluable), mo.eval_mode)
     check(mo.arch_mode in ("",) + trainable, "mixed_op.arch_mode", '"" (same as mode) | ' + " | ".join(trainable),
           mo.arch_mode)
+    check(mo.arch_mode or modes[mo.mode].trainable, "mixed_op.arch_mode",
+          f"{' | '.join(trainable)} (mixed_op.mode={mo.mode} gives alpha no gradient)", mo.arch_mode)
+    check(modes[mo.mode].draw is None or cfg.data.batch_size >= len(m.ops), "data.batch_size",
+          f">= {len(m.ops)}, the number of ops (mixed_op.mode={mo.mode} sends a share of every batch through each op)",
+          cfg.data.batch_size)
     for kind in cfg.growth.kinds:
         check(kind in growth.GROWTHS, "growth.kinds", " | ".join(growth.GROWTHS), kind)
     return cfg

@@ -11,9 +11,11 @@ coefficients), and its ``apply`` runs exactly the selected ops:
 | `topk`      | k            | `lax.top_k`, then k `lax.switch` calls; weights renormalised    |
 | `threshold` | <= k         | ops under the threshold (or outside the top k) skipped by `lax.cond` |
 | `argmax`    | 1            | `lax.switch` on argmax(alpha); coefficient 1 (inference)        |
+| `routed`    | 1 per image  | batch permuted, split in K static groups, group k through op k   |
 | `fixed`     | 1            | op index static at trace time (host-dispatched single path, final net) |
 
-``fixed`` (:data:`FIXED`) is not in ``MODES``: a config cannot name it.
+``fixed`` (:data:`FIXED`) is not in ``MODES``: a config cannot name it. ``routed`` does not choose from the
+weights: its ``draw`` takes a permutation of the batch per row from the step's key (see :func:`_apply_routed`).
 
 The index is an unbatched scalar per mixed op, so under ``jit`` XLA really skips the other branches.
 The switch modes run through :func:`switched`, whose backward pass recomputes the chosen op inside a second
@@ -44,7 +46,9 @@ class Mode:
     straight-through gradient; ``soft``). ``eval_weights(alpha [rows, ops]) -> weights``: what evaluation and
     the growth check feed ``select``. ``host_dispatch``: under ``mixed_op.dispatch=host`` the host-dispatched
     engine (``single_path``) runs the steps. ``trainable``: alpha gets a gradient through the mode, so it may be
-    ``mixed_op.arch_mode``."""
+    ``mixed_op.arch_mode``. ``draw(key, batch) -> choice``: set for a mode whose choices come from the step's
+    key alone, not from the weights (``choose`` is then None); such a mode trains only weights and cannot
+    evaluate."""
     name: str
     choose: Callable[..., jax.Array] | None
     select: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None
@@ -53,6 +57,7 @@ class Mode:
     eval_weights: Callable[[jax.Array], jax.Array] = functools.partial(jax.nn.softmax, axis=-1)
     host_dispatch: bool = False
     trainable: bool = True
+    draw: Callable[[jax.Array, int], jax.Array] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- choose
@@ -68,6 +73,11 @@ def _choose_argmax(weights, k, threshold):
 
 def _choose_top_k(weights, k, threshold):
     return lax.top_k(weights, k)[1].astype(jnp.int32)
+
+
+def _draw_permutation(key, batch):
+    """``[batch]`` int32: position j of the routed batch holds image ``perm[j]``."""
+    return jax.random.permutation(key, batch).astype(jnp.int32)
 
 
 def _choose_above_threshold(weights, k, threshold):
@@ -101,6 +111,11 @@ def _select_kept(weights, choice):
 
 def _select_unit(weights, choice):
     return {"idx": choice, "coeff": jnp.ones(choice.shape, weights.dtype)}
+
+
+def _select_route(weights, choice):
+    """Coefficient 1: the weights play no part (alpha gets no gradient)."""
+    return {"perm": choice}
 
 
 # ---------------------------------------------------------------------------------------------- apply
@@ -158,6 +173,31 @@ def _apply_switched(ops, stride, params, stats, x, sel, train):
     return y, stats
 
 
+def group_bounds(batch: int, num_ops: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of op k's group in the routed batch: sizes ``batch // num_ops``, the first
+    ``batch % num_ops`` groups one image larger (static, so every shape is known at trace time)."""
+    size, extra = divmod(batch, num_ops)
+    ends = [(k + 1) * size + min(k + 1, extra) for k in range(num_ops)]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _apply_routed(ops, stride, params, stats, x, sel, train):
+    """Every image through one op: ``x`` permuted by ``sel["perm"]`` ``[N]``, group k of :func:`group_bounds`
+    through op k alone (its BN normalises over that group and its running statistics see only that group), the
+    outputs put back in the original order. Coefficient 1; no conditional. An op whose group is empty
+    (``N < num_ops``) does not run: its statistics stay, its weights get no gradient."""
+    perm = sel["perm"]
+    xp = jnp.take(x, perm, axis=0, unique_indices=True)
+    parts, new_stats = [], dict(stats)
+    for name, (lo, hi) in zip(ops, group_bounds(x.shape[0], len(ops))):
+        if hi > lo:
+            y, s = _branch(name, stride, train)(params, stats, xp[lo:hi])
+            parts.append(y)
+            new_stats[name] = s[name]
+    yp = jnp.concatenate(parts)
+    return jnp.zeros_like(yp).at[perm].set(yp, unique_indices=True), new_stats
+
+
 # ---------------------------------------------------------------------------------------------- the modes
 
 MODES: dict[str, Mode] = {
@@ -167,6 +207,8 @@ MODES: dict[str, Mode] = {
     "threshold": Mode("threshold", _choose_above_threshold, _select_kept, _apply_kept),
     "argmax": Mode("argmax", _choose_argmax, _select_unit, _apply_switched, eval_weights=lambda alpha: alpha,
                    trainable=False),
+    "routed": Mode("routed", None, _select_route, _apply_routed, sampling="softmax", trainable=False,
+                   draw=_draw_permutation),
 }
 FIXED = Mode("fixed", None, None, _apply_fixed)
 
@@ -194,6 +236,8 @@ def select(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01, c
     conditionals need not wait for in-step sampling (see docs/benchmarks.md)."""
     m = mode_named(mode)
     if choice is None:
+        if m.choose is None:
+            raise ValueError(f"mixed-op mode {mode!r} draws its choices from a key (draw_rows): pass choice")
         choice = m.choose(lax.stop_gradient(weights), k, threshold)
     return m.select(weights, choice)
 
@@ -201,6 +245,13 @@ def select(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01, c
 def choose_rows(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01) -> jax.Array:
     """``choose`` vmapped over rows ``[rows, num_ops]``."""
     return jax.vmap(lambda w: choose(w, mode, k, threshold))(weights)
+
+
+def draw_rows(key: jax.Array, rows: int, mode: str, batch: int) -> jax.Array:
+    """The choices of a mode with ``draw``, one per row from ``fold_in(key, row)``: ``[rows, ...]`` (routed:
+    ``[rows, batch]`` permutations)."""
+    draw = mode_named(mode).draw
+    return jax.vmap(lambda r: draw(jax.random.fold_in(key, r), batch))(jnp.arange(rows))
 
 
 def select_rows(weights: jax.Array, mode: str, k: int = 3, threshold: float = 0.01, choices=None):

@@ -125,10 +125,13 @@ def _augmented_batch(cfg: Config, state: TrainState, x_all, y_all, perm, i):
 
 
 def sample_choices(cfg: Config, state: TrainState) -> jax.Array:
-    """Op choices of the next step ``[rows, k]`` (or keep-masks), from the step's own key."""
+    """Op choices of the next step ``[rows, k]`` (or keep-masks; routed: a permutation of the batch per row,
+    ``[rows, data.batch_size]``), from the step's own key."""
     mo = cfg.mixed_op
-    weights = arch.arch_weights(_step_keys(state)[1], state.alpha, tau_schedule(cfg)(state.arch_epochs),
-                                mixed_op.MODES[mo.mode].sampling)
+    mode, key = mixed_op.MODES[mo.mode], _step_keys(state)[1]
+    if mode.draw is not None:
+        return mixed_op.draw_rows(key, state.alpha.shape[0], mo.mode, cfg.data.batch_size)
+    weights = arch.arch_weights(key, state.alpha, tau_schedule(cfg)(state.arch_epochs), mode.sampling)
     return mixed_op.choose_rows(weights, mo.mode, mo.k, mo.weight_threshold)
 
 

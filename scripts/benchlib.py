@@ -111,10 +111,40 @@ def run_every_op(spec, S, mode: str, host: bool, state, x, y, perm):
 
 def weight_step_cost(S, state, x, y, perm) -> dict:
     """XLA's cost analysis of one compiled weight step: ``{"flops", "bytes"}`` (bytes accessed; a conditional counts
-    as its most expensive branch)."""
-    cost = S.weight_step.lower(state, x, y, perm, 0, S.sample(state)).compile().cost_analysis()
+    as its most expensive branch). The inputs may be abstract (``jax.ShapeDtypeStruct``): nothing runs."""
+    import jax
+    choice = jax.eval_shape(S.sample, state)
+    cost = S.weight_step.lower(state, x, y, perm, 0, choice).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def config_weight_step_cost(cfg) -> dict:
+    """:func:`weight_step_cost` of the one-program weight step of ``cfg``'s initial network at
+    ``cfg.data.batch_size``, compiled from abstract inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    from asose_jax import model
+    from asose_jax import steps as steps_lib
+    from asose_jax.train_state import create_train_state
+    m, b = cfg.model, cfg.data.batch_size
+    spec = model.build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
+    state = jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, cfg, 1))
+    x, y = jax.ShapeDtypeStruct((b, 32, 32, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32)
+    return weight_step_cost(steps_lib.program_steps(spec, cfg, 1), state, x, y, jax.ShapeDtypeStruct((1, b), jnp.int32))
+
+
+def routed_floor(cfg) -> dict:
+    """The FLOPs of ``cfg``'s routed weight step against its floor: the mean over the ops of the same step with every
+    row fixed to that op (the network with that one op, which routed runs as the fixed network). Returns
+    ``{"routed_flops", "floor_flops", "ratio", "per_op_flops": {op: flops}}``."""
+    import dataclasses
+    routed = config_weight_step_cost(cfg)["flops"]
+    per_op = {op: config_weight_step_cost(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ops=(op,))))
+              ["flops"] for op in cfg.model.ops}
+    floor = sum(per_op.values()) / len(per_op)
+    return {"routed_flops": routed, "floor_flops": floor, "ratio": routed / floor, "per_op_flops": per_op}
 
 
 # ================================================================================================ traces
