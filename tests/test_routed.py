@@ -269,13 +269,13 @@ def conditionals(spec, cfg, state, compile_: bool) -> tuple[int, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["default", "cifar10_95"])
 def test_the_routed_and_dense_steps_hold_no_conditional_before_and_after_each_growth(preset):
-    """Compiled at the start and after deepen, widen and branch in turn (the last net holds every structure a
-    growth makes); the lowered program is checked after each single growth."""
+    """The lowered programs at the start and after deepen, widen and branch in turn; the compiled ones at the end,
+    whose net holds every structure the start and each growth make (compiling each net would take minutes)."""
     cfg = preset_net(preset)
     m = cfg.model
     spec = model.build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
     state = jax.jit(train_state.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, 2)
-    assert conditionals(spec, cfg, state, compile_=True) == (0, 0)
+    assert conditionals(spec, cfg, state, compile_=False) == (0, 0)
     key = jax.random.PRNGKey(1)
     for kind in ("deepen", "widen", "branch"):
         key, k_grow = jax.random.split(key)

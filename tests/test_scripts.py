@@ -1,7 +1,7 @@
 """The bookkeeping of the benchmark scripts: which configurations `compare_pytorch.py --resume` still has to
 run and which op choices the warm-up of `benchlib` forces, how `ablation_genotypes.py` keeps a searched genotype's
 layout, how `benchlib` splits a trace, how `probe_conditionals.py` reads an optimised HLO, how `gpu_busy.py` counts a
-step's conditionals, and which `record_accuracy.py` records meet issue [E]'s bar."""
+step's conditionals, which `record_accuracy.py` records meet issue [E]'s bar, and what `compare_modes.py` records."""
 import json
 import subprocess
 import sys
@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchlib
+import compare_modes
 import compare_pytorch as cp
 import gpu_busy
 import probe_conditionals
@@ -180,3 +181,24 @@ def test_conditionals_per_step_counts_each_mixed_op_forward_and_backward(tmp_pat
         run.init_state()
         counts[dispatch] = gpu_busy.conditionals_per_step(run)
     assert counts == {"switch": 2 * base.model.num_layers, "host": None}
+
+
+def test_compare_modes_records_each_mode_and_seed_once_and_tabulates_them(tmp_path, capsys):
+    """Two tiny searches (one seed, both modes) on synthetic data; a second call runs nothing and prints the table."""
+    args = ["--preset", "smoke", "--seeds", "0", "--runs", str(tmp_path),
+            *[a for s in ("cycle.max_cycles=1", "cycle.warmup_epochs=0", "growth.enabled=false", "model.num_layers=1",
+                          "model.ops=none,skip_connect,sep_conv_3x3", "checkpoint.enabled=false") for a in ("--set", s)]]
+    compare_modes.main(args)
+    records = compare_modes.read_records(tmp_path / "records.jsonl")
+    assert [(r["mode"], r["seed"]) for r in records] == [("single", 0), ("routed", 0)]
+    for r in records:
+        assert 0 <= r["arch_val_acc"] <= 100 and 0 <= r["test_acc"] <= 100 and r["wall_s"] > 0
+        assert f"mixed_op.mode={r['mode']}" in r["command"] and "seed=0" in r["command"]
+        assert r["device"] and r["date"] and len(r["genotype"]) == 1
+    routed_cfg = json.loads((tmp_path / "routed_s0" / "config.json").read_text())
+    assert routed_cfg["config"]["mixed_op"]["arch_mode"] == "dense"
+    capsys.readouterr()
+    compare_modes.main(args)
+    assert len(compare_modes.read_records(tmp_path / "records.jsonl")) == 2
+    table = capsys.readouterr().out
+    assert "| single | 0 |" in table and "| routed | 0 |" in table
