@@ -171,7 +171,7 @@ class ResumeConfig:
 class Config:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and BN statistics)
-    remat: bool = False  # jax.checkpoint each block
+    remat: bool = False  # jax.checkpoint each block of the search's steps (every engine; not the final training)
     model: ModelConfig = field(default_factory=ModelConfig)
     mixed_op: MixedOpConfig = field(default_factory=MixedOpConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)

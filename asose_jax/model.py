@@ -224,7 +224,8 @@ def apply_network(spec: NetSpec, params: dict, stats: dict, x: jax.Array, select
     """Logits ``[N, classes]`` (float32) and updated BN stats for images ``x`` ``[N, H, W, 3]``.
 
     ``selection`` is a mixed-op selection with a leading rows axis (``mixed_op.select_rows``). In mode
-    ``fixed`` it is None: each row runs its op of ``spec.fixed_ops`` with coefficient 1 (no remat)."""
+    ``fixed`` it is None: each row runs its op of ``spec.fixed_ops`` with coefficient 1. ``remat``:
+    ``jax.checkpoint`` each block (its activations are recomputed in the backward pass)."""
     x = x.astype(dtype)
     h, stem_stats = conv_bn_relu(params["stem"], stats["stem"], x, 1, train)
     new_stats = {"stem": stem_stats, "blocks": []}

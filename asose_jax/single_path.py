@@ -137,7 +137,8 @@ class SinglePathSteps:
             ch = tuple(int(c) for c in choice["idx"][off:off + block.n_paths])
             names = [spec.ops[c] for c in ch]
             prm, old = state.params["blocks"][b], state.batch_stats["blocks"][b]
-            (h, new), vjp = _block_fwd(spec.ops, block, ch, _chosen(prm, names), _chosen(old, names), h, coeffs[b])
+            (h, new), vjp = _block_fwd(spec.ops, block, ch, self.cfg.remat, _chosen(prm, names), _chosen(old, names),
+                                       h, coeffs[b])
             vjps.append(vjp)
             block_stats.append(_merge(old, new))
         loss, correct, g_head, g_h = _head_fwd_bwd(self.cfg.optim.label_smoothing, state.params["head"], h, y)
@@ -196,16 +197,19 @@ def _stem_fwd(dtype, crop: bool, flip: bool, params, stats, key, step, x_all, y_
     return h, new_stats, vjp, y_all[idx]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _block_fwd(ops: tuple[str, ...], block: BlockSpec, choice: tuple[int, ...], params, stats, h, coeff):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _block_fwd(ops: tuple[str, ...], block: BlockSpec, choice: tuple[int, ...], remat: bool, params, stats, h,
+               coeff):
     """One block with op ``choice[p]`` on path ``p``; ``params``/``stats`` hold only the input conv and the
-    chosen ops (``_chosen``). Returns (out, their new stats, VJP over (params, h, coeff))."""
+    chosen ops (``_chosen``). Returns (out, their new stats, VJP over (params, h, coeff)). With ``remat`` the
+    block is ``jax.checkpoint``-ed: the VJP keeps only the block's inputs until the backward pass, which
+    recomputes the block (``Config.remat``)."""
     spec = NetSpec("", 0, (block,), ops)
 
     def f(prm, inp, c):
         sels = [{"op": op, "coeff": c[p]} for p, op in enumerate(choice)]
         return apply_block(spec, block, prm, stats, inp, sels, "fixed", True)
-    return _vjp_aux(f, params, h, coeff)
+    return _vjp_aux(jax.checkpoint(f) if remat else f, params, h, coeff)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -39,7 +39,8 @@ SIZE_SETS = ["data.train_subset=5000", "data.arch_val_size=2000", "cycle.max_cyc
 logger = logging.getLogger("compare_modes")
 
 
-def search_command(preset: str, mode: str, seed: int, workdir: Path, sets: list[str], data_dir: str | None) -> list[str]:
+def search_command(preset: str, mode: str, seed: int, workdir: Path, sets: list[str],
+                   data_dir: str | None) -> list[str]:
     """The search of one (mode, seed): ``python -m asose_jax.search`` with the size, mode and seed overrides."""
     cmd = [sys.executable, "-m", "asose_jax.search", "--preset", preset, "--workdir", str(workdir), "--no-progress"]
     for item in sets + MODE_SETS[mode] + [f"seed={seed}"]:

@@ -185,9 +185,9 @@ def test_conditionals_per_step_counts_each_mixed_op_forward_and_backward(tmp_pat
 
 def test_compare_modes_records_each_mode_and_seed_once_and_tabulates_them(tmp_path, capsys):
     """Two tiny searches (one seed, both modes) on synthetic data; a second call runs nothing and prints the table."""
-    args = ["--preset", "smoke", "--seeds", "0", "--runs", str(tmp_path),
-            *[a for s in ("cycle.max_cycles=1", "cycle.warmup_epochs=0", "growth.enabled=false", "model.num_layers=1",
-                          "model.ops=none,skip_connect,sep_conv_3x3", "checkpoint.enabled=false") for a in ("--set", s)]]
+    tiny = ("cycle.max_cycles=1", "cycle.warmup_epochs=0", "growth.enabled=false", "model.num_layers=1",
+            "model.ops=none,skip_connect,sep_conv_3x3", "checkpoint.enabled=false")
+    args = ["--preset", "smoke", "--seeds", "0", "--runs", str(tmp_path), *[a for s in tiny for a in ("--set", s)]]
     compare_modes.main(args)
     records = compare_modes.read_records(tmp_path / "records.jsonl")
     assert [(r["mode"], r["seed"]) for r in records] == [("single", 0), ("routed", 0)]

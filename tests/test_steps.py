@@ -2,6 +2,7 @@
 and the padded evaluation. Tiny net (C0=8, L=3, 4 ops, batch 16), CPU."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asose_jax import model, steps, train_state
+from asose_jax import model, single_path, steps, train_state
 from asose_jax.config import Config, DataConfig, MixedOpConfig, ModelConfig
 from asose_jax.data import synthetic_cifar
 
@@ -167,3 +168,52 @@ def test_evaluate_pads_the_last_batch(switch_steps, data):
     assert full["acc"] == pytest.approx(padded["acc"])
     assert full["loss"] == pytest.approx(padded["loss"], rel=1e-5)
     assert 0.0 <= full["acc"] <= 100.0
+
+
+# ---------------------------------------------------------------------------------------------- remat
+
+def _nbytes(tree) -> int:
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("dispatch", ["switch", "host"])
+def test_remat_gives_the_same_weight_step_in_every_engine(data, dispatch):
+    x, y = data
+    perm = jnp.arange(B * SPE, dtype=jnp.int32).reshape(SPE, B)
+    spec = model.build_spec("resnet", 8, 3, OPS)
+    params = []
+    for remat in (False, True):
+        cfg = dataclasses.replace(tiny_cfg(dispatch=dispatch), remat=remat)
+        S = steps.make_steps(spec, cfg, SPE)
+        state = make_state(spec, cfg)
+        params.append(host(S.weight_step(state, x, y, perm, 0, S.sample(state)).params))
+    chex.assert_trees_all_close(params[1], params[0], atol=1e-6, rtol=1e-5)
+
+
+def test_remat_checkpoints_every_block_of_the_one_program_step():
+    """``remat`` primitives in the step's jaxpr (the depthwise convs hold some of their own): one more per block."""
+    spec = model.build_spec("resnet", 8, 3, OPS)
+    counts = {}
+    for remat in (False, True):
+        cfg = dataclasses.replace(tiny_cfg(mode="routed", arch_mode="dense"), remat=remat)
+        state = jax.eval_shape(lambda: train_state.create_train_state(jax.random.PRNGKey(0), spec, cfg, SPE))
+        choice = jax.eval_shape(steps.program_steps(spec, cfg, SPE).sample, state)
+        jaxpr = jax.make_jaxpr(lambda s, c: steps.train_weights(spec, cfg, SPE, s, jnp.zeros((B, 32, 32, 3), jnp.uint8),
+                                                               jnp.zeros((B,), jnp.int32),
+                                                               jnp.zeros((1, B), jnp.int32), 0, c))(state, choice)
+        counts[remat] = str(jaxpr).count("remat")
+    assert counts[True] >= counts[False] + len(spec.blocks), counts
+
+
+def test_remat_keeps_only_the_block_inputs_between_the_host_engines_programs():
+    """The host engine's block program returns its VJP, which holds the residuals until the backward program: with
+    remat only the block's inputs (the block is recomputed there)."""
+    spec = model.build_spec("resnet", 8, 3, OPS)
+    params, stats = model.init_network(jax.random.PRNGKey(0), spec)
+    block, op = spec.blocks[0], OPS.index("sep_conv_3x3")
+    prm, st = single_path._chosen(params["blocks"][0], [OPS[op]]), single_path._chosen(stats["blocks"][0], [OPS[op]])
+    h = jnp.ones((B, 32, 32, 8))
+    held = {remat: _nbytes(single_path._block_fwd(OPS, block, (op,), remat, prm, st, h, jnp.ones((1,)))[1])
+            for remat in (False, True)}
+    inputs = _nbytes((prm, st, h))
+    assert held[True] <= inputs + 1024 < held[False], (held, inputs)
