@@ -48,11 +48,18 @@ def batches_u8(batch: int, data_dir: str | None):
 
 # ================================================================================================ JAX setup
 
+def paired_arch_mode(mode: str) -> str:
+    """The ``mixed_op.arch_mode`` a benchmark of ``mode`` runs with: "" (``mode`` itself) where ``mode`` trains
+    alpha, else ``dense`` (``routed`` + ``dense``: the conditional-free search)."""
+    from asose_jax import mixed_op
+    return "" if mixed_op.MODES[mode].trainable else "dense"
+
+
 def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispatch: str = "host",
               data_dir: str | None = None, ops: tuple[str, ...] | None = None):
-    """The `original` network (C0=32, L=4) in one mixed-op mode: ``(spec, x, y, perm, state, steps)``, with
-    N_BATCHES uint8 batches on the device and ``perm`` ``[N_BATCHES, batch]`` indexing them in order.
-    ``ops``: the candidate ops (default: the original's ten)."""
+    """The `original` network (C0=32, L=4) in one mixed-op mode (arch steps in :func:`paired_arch_mode`):
+    ``(spec, x, y, perm, state, steps)``, with N_BATCHES uint8 batches on the device and ``perm``
+    ``[N_BATCHES, batch]`` indexing them in order. ``ops``: the candidate ops (default: the original's ten)."""
     import dataclasses
 
     import jax
@@ -67,7 +74,8 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
     if ops is not None:
         model_cfg = dataclasses.replace(model_cfg, ops=tuple(ops))
     cfg = dataclasses.replace(Config(), precision=precision, remat=remat, model=model_cfg,
-                              mixed_op=MixedOpConfig(mode=mode, k=3, weight_threshold=0.01, dispatch=dispatch),
+                              mixed_op=MixedOpConfig(mode=mode, k=3, weight_threshold=0.01, dispatch=dispatch,
+                                                     arch_mode=paired_arch_mode(mode)),
                               data=DataConfig(batch_size=batch))
     spec = model.build_spec("original", 32, 4, cfg.model.ops)
     xs, ys = batches_u8(batch, data_dir)
@@ -97,13 +105,18 @@ def forced_choices(spec, mode: str, host: bool, k: int = 3) -> list:
 
 
 def run_every_op(spec, S, mode: str, host: bool, state, x, y, perm):
-    """Weight steps, then arch steps, on ``forced_choices``: compiles every program and runs every branch of every
-    conditional once, before timing. The first run of a branch costs far more than the next ones, and random
-    choices leave some branches unrun for many steps; a search pays that once per branch, a timing must not.
-    Returns the state."""
+    """Weight steps, then arch steps (in :func:`paired_arch_mode`), on ``forced_choices``: compiles every program
+    and runs every branch of every conditional once, before timing. The first run of a branch costs far more than
+    the next ones, and random choices leave some branches unrun for many steps; a search pays that once per
+    branch, a timing must not. A mode that draws its choices (routed) runs every op in any step: one sampled
+    step. Returns the state."""
     import jax
-    for fn in (S.weight_step, S.arch_step):
-        for choice in forced_choices(spec, mode, host):
+
+    from asose_jax import mixed_op
+    arch_mode = paired_arch_mode(mode) or mode
+    for fn, sample, m in ((S.weight_step, S.sample, mode), (S.arch_step, S.arch_sample, arch_mode)):
+        choices = [sample(state)] if mixed_op.MODES[m].draw else forced_choices(spec, m, host and m == mode)
+        for choice in choices:
             state = fn(state, x, y, perm, 0, choice)
         jax.block_until_ready(state)
     return state

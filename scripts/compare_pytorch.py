@@ -5,8 +5,9 @@
     python scripts/compare_pytorch.py --batches 128 --only-main
 
 One command. By default: PyTorch `allops` and `single` at every batch, its profiled and compiled variants at
-batch 128; JAX `single` and `dense` in fp32 and bf16 at every batch, and at batch 128 `topk` and `threshold`,
-every mode with remat, and the in-program `lax.switch` single path (``DEFAULT_JAX_CONFIGS``). That is longer than
+batch 128; JAX `single`, `dense` and `routed` (its arch steps `dense`: the conditional-free search) in fp32 and
+bf16 at every batch, and at batch 128 `topk` and `threshold`, every mode with remat, and the in-program
+`lax.switch` single path (``DEFAULT_JAX_CONFIGS``). That is longer than
 one 10-minute device call, mostly JAX compilation; ``--resume`` continues an interrupted run. The PyTorch configurations of every batch size run first, in this process; then each
 JAX configuration (of every batch size) runs in a child process (``--worker``) with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its ``peak_bytes_in_use`` belongs to that configuration
@@ -52,6 +53,7 @@ from benchlib import (
     jax_record_head,
     jax_setup,
     median_ms,
+    paired_arch_mode,
     record_key,
     run_every_op,
     torch_key,
@@ -79,10 +81,11 @@ def jax_worker(args) -> dict:
     spec, x, y, perm, state, S = jax_setup(mode, prec, batch, args.remat, args.dispatch, args.data_dir)
     host = mode == "single" and args.dispatch == "host"
     box = {"state": state, "i": 0}
+    sample_for = {S.weight_step: S.sample, S.arch_step: S.arch_sample}
 
     def step(fn):
         s = box["state"]
-        box["state"] = fn(s, x, y, perm, box["i"] % N_BATCHES, S.sample(s))
+        box["state"] = fn(s, x, y, perm, box["i"] % N_BATCHES, sample_for[fn](s))
         box["i"] += 1
 
     def chunk(fn):
@@ -116,7 +119,8 @@ def jax_worker(args) -> dict:
     chunk(S.weight_step)(3)
     busy = traced_gpu_busy(lambda: chunk(S.weight_step)(20))
     return {"framework": "jax", "mode": mode, "precision": prec, "batch": batch, "remat": bool(args.remat),
-            "dispatch": args.dispatch if mode == "single" else None, "weight_ms": weight_ms, "arch_ms": arch_ms,
+            "dispatch": args.dispatch if mode == "single" else None, "arch_mode": paired_arch_mode(mode) or None,
+            "weight_ms": weight_ms, "arch_ms": arch_ms,
             "img_per_s": batch / weight_ms * 1000, "peak_mib": peak, "gpu_busy": busy, "compile_s": compile_s}
 
 
@@ -215,9 +219,9 @@ class JaxChild:
 # the issue's matrix: every mode in both precisions, with and without remat, at batch 128; the plain modes
 # at every batch; the in-program `lax.switch` single path for reference
 DEFAULT_JAX_CONFIGS = (
-    ["single:fp32", "single:bf16", "dense:fp32", "dense:bf16"]
+    ["single:fp32", "single:bf16", "dense:fp32", "dense:bf16", "routed:fp32", "routed:bf16"]
     + [f"{m}:{p}@128" for m in ("topk", "threshold") for p in ("fp32", "bf16")]
-    + [f"{m}:{p}:remat@128" for m in ("single", "dense", "topk", "threshold") for p in ("fp32", "bf16")]
+    + [f"{m}:{p}:remat@128" for m in ("single", "dense", "topk", "threshold", "routed") for p in ("fp32", "bf16")]
     + ["single:fp32:switch@128"])
 
 
@@ -383,7 +387,8 @@ def _order(r: dict) -> tuple:
 def _mode_label(r: dict) -> str:
     """The record's mode, with PyTorch's profiling syncs or JAX's in-program ``lax.switch`` path named."""
     return r["mode"] + (" (+profile syncs)" if r.get("profile_syncs") else "") + \
-        (" (lax.switch)" if r.get("dispatch") == "switch" else "")
+        (" (lax.switch)" if r.get("dispatch") == "switch" else "") + \
+        (f" (arch: {r['arch_mode']})" if r.get("arch_mode") else "")
 
 
 def write_outputs(result: dict, md_path: Path, png_path: Path) -> None:
@@ -447,13 +452,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
     ap.add_argument("--data-dir", default=None, help="cifar-10-batches-py dir for real batches (default: synthetic)")
     ap.add_argument("--only", choices=["torch", "jax"], default=None)
-    ap.add_argument("--only-main", action="store_true", help="only torch allops/single, JAX dense bf16 and single")
+    ap.add_argument("--only-main", action="store_true",
+                    help="only torch allops/single, JAX dense, single and routed in bf16")
     ap.add_argument("--torch-modes",
                     default="allops,single,single_profiled@128,allops_compiled@128,single_compiled@128",
                     help="PyTorch modes, run at every batch of --batches, or only at batch B with a suffix @B")
     ap.add_argument("--jax-configs", default=",".join(DEFAULT_JAX_CONFIGS),
                     help="JAX configurations mode:precision[:remat][:switch], run at every batch of --batches, "
-                         "or only at batch B with a suffix @B (e.g. dense:bf16@512)")
+                         "or only at batch B with a suffix @B (e.g. dense:bf16@512, routed:fp32)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/compare_h100.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/results/compare_h100.md"))
     ap.add_argument("--png", default=str(ROOT / "docs/results/compare_h100.png"))
@@ -508,7 +514,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     torch_modes, jax_cfgs = args.torch_modes.split(","), args.jax_configs.split(",")
     if args.only_main:
-        torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16"]
+        torch_modes, jax_cfgs = ["allops", "single"], ["single:bf16", "dense:bf16", "routed:bf16"]
     torch_todo, jobs = pending(batches, torch_modes, jax_cfgs, old_records if args.resume else [])
     try:
         if args.only != "jax":

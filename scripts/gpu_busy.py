@@ -1,6 +1,7 @@
 """GPU busy fraction over one timed search epoch of a config (default: configs/default.py).
 
     python scripts/gpu_busy.py [--preset default] [--data-dir DIR] [--set key=value ...]
+    python scripts/gpu_busy.py --set mixed_op.mode=routed --set mixed_op.arch_mode=dense   # conditional-free
 
 Runs one weight epoch to compile and warm up, then traces the next weight epoch with the JAX profiler
 and reports the union of GPU kernel intervals over the epoch's wall time (device sync at both ends),
@@ -37,6 +38,7 @@ def main() -> None:
     import jax
 
     from asose_jax import config as config_lib
+    from asose_jax.cli import check_registered_names
     from asose_jax.cycle import Run, Task
     from asose_jax.data import load_dataset
 
@@ -48,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config_lib.load_config_file(config_lib.preset_path(args.preset))
     overrides = args.overrides + ["checkpoint.enabled=false"] + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
-    cfg = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
+    cfg = config_lib.validate(check_registered_names(config_lib.apply_overrides(cfg, overrides)))
     cfg = dataclasses.replace(cfg, cycle=dataclasses.replace(cfg.cycle, eval_every_epoch=False))
     data = load_dataset(cfg.data, cfg.seed)
     with tempfile.TemporaryDirectory() as tdir:
@@ -70,7 +72,8 @@ def main() -> None:
                       "conditionals_per_step": conditionals_per_step(run),
                       "first_epoch_s_with_compile": warm_s, "img_per_s": row["img_per_s"],
                       "gpu_busy": kernel_busy(events, gpu) if gpu else None,
-                      "mode": cfg.mixed_op.mode, "dispatch": cfg.mixed_op.dispatch, "precision": cfg.precision,
+                      "mode": cfg.mixed_op.mode, "dispatch": cfg.mixed_op.dispatch,
+                      "arch_mode": cfg.mixed_op.arch_mode or cfg.mixed_op.mode, "precision": cfg.precision,
                       "breakdown": trace_breakdown(events, gpu)}))
 
 

@@ -30,10 +30,10 @@ def test_pins_run_a_configuration_at_one_batch_only():
 
 def test_default_matrix_covers_every_mode_precision_and_remat_at_128():
     jobs = set(cp.jax_jobs([128, 256, 512], list(cp.DEFAULT_JAX_CONFIGS)))
-    for mode in ("single", "dense", "topk", "threshold"):
+    for mode in ("single", "dense", "topk", "threshold", "routed"):
         for prec in ("fp32", "bf16"):
             assert (128, f"{mode}:{prec}") in jobs and (128, f"{mode}:{prec}:remat") in jobs
-    assert (512, "single:bf16") in jobs and (512, "topk:bf16") not in jobs
+    assert (512, "single:bf16") in jobs and (512, "routed:bf16") in jobs and (512, "topk:bf16") not in jobs
 
 
 def test_resume_skips_measured_configurations_but_not_failed_ones():
@@ -79,6 +79,18 @@ def test_warm_up_choices_run_every_op_in_every_switch_of_every_row():
     assert masks.shape == (10, 4, 10) and (masks.sum(-1) == 3).all()  # the top k = 3 of each row kept
     assert masks.any(0).all() and (~masks).any(0).all()  # every op of every row both kept and skipped
     assert len(benchlib.forced_choices(spec, "dense", host=False)) == 1
+
+
+def test_warm_up_of_routed_runs_one_sampled_weight_step_then_dense_arch_steps():
+    """A routed step runs every op of every row; its arch steps are dense (``paired_arch_mode``)."""
+    assert benchlib.paired_arch_mode("routed") == "dense" and benchlib.paired_arch_mode("single") == ""
+    spec = SimpleNamespace(ops=tuple(f"op{i}" for i in range(10)), num_rows=4)
+    calls = []
+    S = SimpleNamespace(weight_step=lambda s, x, y, p, i, c: calls.append(("weight", c)) or s,
+                        arch_step=lambda s, x, y, p, i, c: calls.append(("arch", np.asarray(c).shape)) or s,
+                        sample=lambda s: "permutations", arch_sample=lambda s: "not used")
+    benchlib.run_every_op(spec, S, "routed", False, 0, None, None, None)
+    assert calls == [("weight", "permutations"), ("arch", (4, 1))]
 
 
 def test_conditional_placement_reads_the_optimised_hlo():
@@ -167,20 +179,20 @@ def test_meets_bar_needs_a_search_at_95_within_900_s():
 
 def test_conditionals_per_step_counts_each_mixed_op_forward_and_backward(tmp_path):
     """The `lax.switch` engine runs one conditional per mixed op in the forward pass and one in the backward;
-    the host-dispatched engine none (None: it runs one program per block)."""
+    the host-dispatched engine none (None: it runs one program per block); the routed step none."""
     from asose_jax import config as config_lib
     from asose_jax.cycle import Run
     from asose_jax.data import load_dataset
 
     base = config_lib.load_config_file(config_lib.preset_path("smoke"))
     counts = {}
-    for dispatch in ("switch", "host"):
-        cfg = config_lib.validate(config_lib.apply_overrides(base, [f"mixed_op.dispatch={dispatch}",
-                                                                    "checkpoint.enabled=false"]))
-        run = Run(cfg, load_dataset(cfg.data, cfg.seed), str(tmp_path / dispatch), progress=False)
+    for name, sets in (("switch", ["mixed_op.dispatch=switch"]), ("host", ["mixed_op.dispatch=host"]),
+                       ("routed", ["mixed_op.mode=routed", "mixed_op.arch_mode=dense"])):
+        cfg = config_lib.validate(config_lib.apply_overrides(base, sets + ["checkpoint.enabled=false"]))
+        run = Run(cfg, load_dataset(cfg.data, cfg.seed), str(tmp_path / name), progress=False)
         run.init_state()
-        counts[dispatch] = gpu_busy.conditionals_per_step(run)
-    assert counts == {"switch": 2 * base.model.num_layers, "host": None}
+        counts[name] = gpu_busy.conditionals_per_step(run)
+    assert counts == {"switch": 2 * base.model.num_layers, "host": None, "routed": 0}
 
 
 def test_compare_modes_records_each_mode_and_seed_once_and_tabulates_them(tmp_path, capsys):
