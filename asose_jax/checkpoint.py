@@ -6,10 +6,12 @@ Saves are asynchronous and atomically finalised by Orbax (written to a temporary
 rebuilds the abstract state tree from the *saved* spec, then restores the arrays into it (so dtypes,
 NamedTuple optimizer states and grown shapes come back exactly). A checkpoint that fails to restore
 (truncated, corrupted) is skipped with a warning, moved aside to ``<dir>.corrupt/`` and the previous one
-is used; when none restores, :class:`CheckpointError` is raised and nothing is touched.
+is used; when none restores, :class:`CheckpointError` is raised and nothing is touched. A save that finds the
+disk full raises :class:`DiskFullError` (one line); the checkpoints before it stay intact.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from asose_jax.config import Config, config_hash
-from asose_jax.errors import CheckpointError
+from asose_jax.errors import CheckpointError, DiskFullError, is_disk_full
 from asose_jax.model import NetSpec
 from asose_jax.utils import one_line
 
@@ -78,6 +80,47 @@ def _defer_sigint():
                 raise KeyboardInterrupt
 
 
+class _LateCallbackSafeLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops a callback another thread schedules after the loop has closed.
+
+    Orbax runs a restore (and each background save) in a fresh loop and closes it as soon as one array fails;
+    tensorstore's reads and writes of the other arrays finish later and call ``call_soon_threadsafe`` on the
+    closed loop from tensorstore's threads, which print an "Event loop is closed" traceback per array. The
+    tasks that awaited them went with their loop, so dropping the callback is what is meant.
+    """
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _LateCallbackSafePolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _LateCallbackSafeLoop
+
+
+def use_late_callback_safe_loops() -> None:
+    """Make asyncio's new event loops :class:`_LateCallbackSafeLoop` (unless a custom policy is installed)."""
+    if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:
+        asyncio.set_event_loop_policy(_LateCallbackSafePolicy())
+
+
+@contextlib.contextmanager
+def _disk_full_as_one_line(directory: Path):
+    """Turn a full disk during a save (Orbax raises it on the next save or wait) into :class:`DiskFullError`."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(f"no space left on the device while saving a checkpoint in {directory}; the "
+                            f"checkpoints before it are intact: free some space and re-run the same command to "
+                            f"resume") from e
+
+
 @dataclass
 class Restored:
     state: Any
@@ -90,6 +133,7 @@ class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for ``(state, meta)`` pairs."""
 
     def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True):
+        use_late_callback_safe_loops()  # before Orbax makes its first loop
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
@@ -111,7 +155,7 @@ class Checkpointer:
         """
         ckpt_id = self.next_id()
         meta = {**meta, "spec": spec.to_dict()}
-        with _defer_sigint():
+        with _defer_sigint(), _disk_full_as_one_line(self.directory):
             self.manager.save(ckpt_id, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                 meta=ocp.args.JsonSave(meta)))
             self._last_id = ckpt_id
@@ -119,6 +163,15 @@ class Checkpointer:
 
     def restore_meta(self, ckpt_id: int) -> dict:
         return self.manager.restore(ckpt_id, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def newest_meta(self) -> dict | None:
+        """The meta of the newest checkpoint whose meta reads; None when none does. Changes nothing."""
+        for ckpt_id in reversed(self.steps()):
+            try:
+                return self.restore_meta(ckpt_id)
+            except Exception as e:  # an unreadable one: restore_latest sets it aside later
+                logger.debug("meta of checkpoint %d unreadable: %s", ckpt_id, one_line(e))
+        return None
 
     def restore_latest(self, abstract_state_fn: Callable[[NetSpec], Any],
                        check_meta: Callable[[dict], None] = lambda meta: None) -> Restored | None:
@@ -176,4 +229,5 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every queued save is written and finalised."""
-        self.manager.wait_until_finished()
+        with _disk_full_as_one_line(self.directory):
+            self.manager.wait_until_finished()

@@ -273,6 +273,92 @@ def _set_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------- validation
 
+@dataclass(frozen=True)
+class Range:
+    """The finite values a numeric option may take: ``lo..hi`` when the bounds are ints, else an interval
+    (``(`` / ``)`` for an open end). ``note`` names the option that sets a bound, or what an end value means."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def holds(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (self.lo < v if self.lo_open else self.lo <= v) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        if isinstance(self.lo, int) and isinstance(self.hi, int) and not (self.lo_open or self.hi_open):
+            text = f"{self.lo}..{self.hi}"
+        else:
+            text = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+SKELETONS = ("original", "resnet")
+DATA_SOURCES = ("auto", "dir", "tfds", "download", "synthetic")
+CHOICES: dict[str, tuple[str, ...]] = {  # the string options with a fixed set of values
+    "precision": ("fp32", "bf16"), "model.skeleton": SKELETONS, "mixed_op.dispatch": ("host", "switch"),
+    "optim.clip_mode": ("global_norm", "soft"), "optim.schedule": ("cosine_restarts", "constant"),
+    "data.source": DATA_SOURCES, "growth.strategy": ("original", "cycle"), "final.skeleton": SKELETONS,
+    "final.schedule": ("cosine", "linear"), "final.tta": TTA_MODES,
+}
+FREE_TEXT = {  # the other string options (op, mode and growth names: see asose_jax.cli.registered_names)
+    "data.dir": 'a cifar-10-batches-py directory or its parent; "" = none (only with data.source auto | dir)',
+    "arch.cost": "flops | latency:PATH (a table from scripts/bench_ops.py --latency-out)",
+}
+EPOCHS, CYCLES = 10_000, 1_000  # upper bounds on counts of epochs and cycles: far past any real run
+
+
+def ranges(cfg: Config) -> dict[str, Range]:
+    """The allowed range of every int and float option. Each is finite and sane: a value past it would
+    overflow, allocate without bound or stop learning, rather than run. A few bounds come from another option."""
+    m, d, a = cfg.model, cfg.data, cfg.arch
+    synthetic = d.source == "synthetic"
+    unit, prob = Range(0.0, 1.0), Range(0.0, 1.0, hi_open=True)  # a weight decay; a momentum or a smoothing
+    return {
+        "seed": Range(0, 2**31 - 1),
+        "model.init_channels": Range(2, 1024), "model.num_layers": Range(1, 64),
+        "model.num_classes": Range(2, 1000), "model.stage_width_mult": Range(1, 4),
+        "mixed_op.k": Range(1, len(m.ops), note="the number of ops"), "mixed_op.weight_threshold": prob,
+        "arch.init_scale": Range(0.0, 10.0), "arch.lr": Range(0.0, 1.0, lo_open=True), "arch.b1": prob,
+        "arch.b2": prob, "arch.weight_decay": unit, "arch.clip_norm": Range(0.0, 1000.0, lo_open=True),
+        "arch.tau_init": Range(0.0, 100.0, lo_open=True), "arch.tau_decay": Range(0.0, 1.0, lo_open=True),
+        "arch.tau_min": Range(0.0, a.tau_init, lo_open=True, note="at most arch.tau_init"),
+        "arch.max_parameter_free": Range(-1, 1000, note="-1 = no cap"),
+        "arch.cost_weight": Range(0.0, 1000.0, note="0 = no cost term"),
+        "optim.lr": Range(0.0, 10.0, lo_open=True), "optim.momentum": prob, "optim.weight_decay": unit,
+        "optim.clip_norm": Range(0.0, 1000.0, lo_open=True), "optim.t0_epochs": Range(1, EPOCHS),
+        "optim.t_mult": Range(1, 100), "optim.min_lr": Range(0.0, 1.0), "optim.label_smoothing": prob,
+        "data.arch_val_size": (Range(1, d.synthetic_train - 1, note="below data.synthetic_train") if synthetic
+                               else Range(1, 49_999)),
+        "data.train_subset": Range(0, 50_000, note="0 = all"), "data.test_subset": Range(0, 10_000, note="0 = all"),
+        "data.synthetic_train": Range(2, 50_000), "data.synthetic_test": Range(1, 10_000),
+        "data.batch_size": Range(1, 50_000),
+        "cycle.max_cycles": Range(1, CYCLES), "cycle.warmup_epochs": Range(0, EPOCHS),
+        "cycle.weight_epochs": Range(1, EPOCHS), "cycle.arch_epochs": Range(0, EPOCHS),
+        "cycle.retrain_epochs": Range(0, EPOCHS), "cycle.early_stop_cycles": Range(0, CYCLES, note="0 = never"),
+        "cycle.early_stop_range": Range(0.0, 100.0, note="percentage points"),
+        "cycle.target_acc": Range(0.0, 100.0, note="percent; 0 = never"),
+        "growth.every": Range(0, CYCLES, note="0 = never"), "growth.stagnation_cycles": Range(0, CYCLES),
+        "growth.stagnation_range": Range(0.0, 100.0, note="percentage points"),
+        "growth.max_depth": Range(m.num_layers, 256, note="from model.num_layers"),
+        "growth.depth_param_cap": Range(0, 10**10, note="0 = no cap"),
+        "growth.widen_factor": Range(1.0, 4.0, lo_open=True),
+        "growth.deepen_skip_prob": Range(0.0, 1.0, lo_open=True, hi_open=True),
+        "final.epochs": Range(1, EPOCHS), "final.lr": Range(0.0, 10.0, lo_open=True), "final.momentum": prob,
+        "final.weight_decay": unit, "final.label_smoothing": prob,
+        "final.warmup_epochs": Range(0.0, float(EPOCHS), note="clamped to the run length"),
+        "final.ema_decay": Range(0.0, 1.0, hi_open=True, note="0 = no EMA"), "final.cutout": Range(0, 32),
+        "final.batch_size": Range(1, 50_000), "final.width": Range(0, 4096, note="0 = the searched widths"),
+        "final.path_scale_init": Range(-10.0, 10.0), "final.eval_every": Range(0, EPOCHS, note="0 = no curve"),
+        "final.val_size": Range(0, 49_999, note="0 = the reporting run"),
+        "checkpoint.every_steps": Range(0, 10**9, note="0 = at phase ends only"),
+        "checkpoint.max_to_keep": Range(1, 1000),
+    }
+
+
 def check(cond: bool, key: str, allowed: str, value: Any) -> None:
     """Raise the one-line ConfigError ``key=value is out of range: allowed ...`` unless ``cond``."""
     if not cond:
@@ -281,100 +367,57 @@ def check(cond: bool, key: str, allowed: str, value: Any) -> None:
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first bad value; return cfg unchanged when all is well."""
-    check(cfg.precision in ("fp32", "bf16"), "precision", "fp32 | bf16", cfg.precision)
-    _validate_model(cfg.model, cfg.mixed_op)
-    _validate_optimizers(cfg.arch, cfg.optim, cfg.final)
-    _validate_data(cfg.data)
-    _validate_schedule(cfg.cycle, cfg.growth, cfg.model)
-    _validate_final(cfg.final)
-    if cfg.final.enabled:  # else the final training (asose_jax.final) checks it against its data
-        check_final_val_size(cfg.final, final_train_images(cfg.data))
-    check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", cfg.checkpoint.every_steps)
-    check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1", cfg.checkpoint.max_to_keep)
+    m = cfg.model
+    check(len(m.ops) >= 1, "model.ops", "a non-empty list of op names", m.ops)
+    check(len(set(m.ops)) == len(m.ops), "model.ops", "distinct op names", m.ops)
+    bounds = ranges(cfg)
+    for key, value in leaves(cfg):
+        if key in bounds:
+            check(bounds[key].holds(value), key, str(bounds[key]), value)
+        elif key in CHOICES:
+            check(value in CHOICES[key], key, " | ".join(CHOICES[key]), value)
+    _validate_relations(cfg)
     return cfg
 
 
-def _validate_model(m: ModelConfig, mo: MixedOpConfig) -> None:
-    check(m.skeleton in ("original", "resnet"), "model.skeleton", "original | resnet", m.skeleton)
-    check(m.init_channels >= 2, "model.init_channels", ">= 2", m.init_channels)
-    check(m.num_layers >= 1, "model.num_layers", ">= 1", m.num_layers)
-    check(len(m.ops) >= 1, "model.ops", "a non-empty list of op names", m.ops)
-    check(len(set(m.ops)) == len(m.ops), "model.ops", "distinct op names", m.ops)
-    check(m.num_classes >= 2, "model.num_classes", ">= 2", m.num_classes)
-    check(m.stage_width_mult >= 1, "model.stage_width_mult", ">= 1", m.stage_width_mult)
-    check(mo.dispatch in ("host", "switch"), "mixed_op.dispatch", "host | switch", mo.dispatch)
-    check(1 <= mo.k <= len(m.ops), "mixed_op.k", f"1..{len(m.ops)} (the number of ops)", mo.k)
-    check(0.0 <= mo.weight_threshold < 1.0, "mixed_op.weight_threshold", "[0, 1)", mo.weight_threshold)
-
-
-def _validate_optimizers(a: ArchConfig, o: OptimConfig, f: FinalConfig) -> None:
-    for name, v in (("arch.lr", a.lr), ("optim.lr", o.lr), ("final.lr", f.lr)):
-        check(v > 0 and math.isfinite(v), name, "> 0", v)
-    for name, v in (("arch.weight_decay", a.weight_decay), ("optim.weight_decay", o.weight_decay),
-                    ("final.weight_decay", f.weight_decay), ("optim.min_lr", o.min_lr)):
-        check(v >= 0 and math.isfinite(v), name, ">= 0", v)
-    check(0 <= a.b1 < 1 and 0 <= a.b2 < 1, "arch.b1/b2", "[0, 1)", (a.b1, a.b2))
-    check(0 <= o.momentum < 1, "optim.momentum", "[0, 1)", o.momentum)
-    check(a.clip_norm > 0 and o.clip_norm > 0, "arch.clip_norm/optim.clip_norm", "> 0", (a.clip_norm, o.clip_norm))
-    check(o.clip_mode in ("global_norm", "soft"), "optim.clip_mode", "global_norm | soft", o.clip_mode)
-    check(o.schedule in ("cosine_restarts", "constant"), "optim.schedule", "cosine_restarts | constant", o.schedule)
-    check(o.t0_epochs >= 1 and o.t_mult >= 1, "optim.t0_epochs/t_mult", ">= 1", (o.t0_epochs, o.t_mult))
-    check(0 <= o.label_smoothing < 1, "optim.label_smoothing", "[0, 1)", o.label_smoothing)
-    check(a.tau_init > 0 and 0 < a.tau_decay <= 1 and 0 < a.tau_min <= a.tau_init, "arch.tau_*",
-          "tau_init > 0, 0 < tau_decay <= 1, 0 < tau_min <= tau_init", (a.tau_init, a.tau_decay, a.tau_min))
-    check(a.init_scale >= 0, "arch.init_scale", ">= 0", a.init_scale)
-    check(a.max_parameter_free >= -1, "arch.max_parameter_free", ">= 0, or -1 for no cap", a.max_parameter_free)
-    check(a.cost_weight >= 0 and math.isfinite(a.cost_weight), "arch.cost_weight", ">= 0 (0 = no cost term)",
-          a.cost_weight)
+def _validate_relations(cfg: Config) -> None:
+    """The checks that read more than one option, or a file."""
+    a, d = cfg.arch, cfg.data
     latency = a.cost[len("latency:"):] if a.cost.startswith("latency:") else ""
     check(a.cost == "flops" or (latency and Path(latency).is_file()), "arch.cost",
           "flops | latency:PATH with PATH an existing file (scripts/bench_ops.py --latency-out writes one)", a.cost)
+    if d.dir and d.source not in ("auto", "dir"):
+        raise ConfigError(f"--data-dir/data.dir={d.dir!r} conflicts with data.source={d.source}, which reads no "
+                          f"directory: drop it, or set data.source=dir")
+    if cfg.final.enabled:  # else the final training (asose_jax.final) checks it against its data
+        check_final_val_size(cfg.final, final_train_images(d))
 
 
-def _validate_data(d: DataConfig) -> None:
-    sources = ("auto", "dir", "tfds", "download", "synthetic")
-    check(d.source in sources, "data.source", " | ".join(sources), d.source)
-    check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
-    check(0 < d.arch_val_size < 50000 or d.source == "synthetic", "data.arch_val_size", "1..49999", d.arch_val_size)
-    check(d.arch_val_size > 0, "data.arch_val_size", ">= 1", d.arch_val_size)
-    check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset/test_subset", ">= 0",
-          (d.train_subset, d.test_subset))
-    check(d.synthetic_train > d.arch_val_size or d.source != "synthetic", "data.synthetic_train",
-          "> data.arch_val_size", d.synthetic_train)
+def leaves(cfg: Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every option of ``cfg``, in field order."""
+    out = []
+    for f_ in fields(cfg):
+        value = getattr(cfg, f_.name)
+        out += leaves(value, f"{prefix}{f_.name}.") if is_dataclass(value) else [(prefix + f_.name, value)]
+    return out
 
 
-def _validate_schedule(c: CycleConfig, g: GrowthConfig, m: ModelConfig) -> None:
-    check(c.max_cycles >= 1, "cycle.max_cycles", ">= 1", c.max_cycles)
-    check(c.weight_epochs >= 1, "cycle.weight_epochs", ">= 1", c.weight_epochs)
-    for name, v in (("cycle.warmup_epochs", c.warmup_epochs), ("cycle.arch_epochs", c.arch_epochs),
-                    ("cycle.retrain_epochs", c.retrain_epochs)):
-        check(v >= 0, name, ">= 0", v)
-    check(c.early_stop_cycles >= 0 and c.early_stop_range >= 0, "cycle.early_stop_*", ">= 0",
-          (c.early_stop_cycles, c.early_stop_range))
-    check(0 <= c.target_acc <= 100, "cycle.target_acc", "0..100 (percent)", c.target_acc)
-    check(g.every >= 0, "growth.every", ">= 0", g.every)
-    check(g.strategy in ("original", "cycle"), "growth.strategy", "original | cycle", g.strategy)
-    check(g.widen_factor > 1.0, "growth.widen_factor", "> 1", g.widen_factor)
-    check(0 < g.deepen_skip_prob < 1, "growth.deepen_skip_prob",
-          "0 < p < 1 (the probability of sampling skip_connect in a deepened block)", g.deepen_skip_prob)
-    check(g.max_depth >= m.num_layers, "growth.max_depth", f">= model.num_layers ({m.num_layers})", g.max_depth)
-
-
-def _validate_final(f: FinalConfig) -> None:
-    check(f.epochs >= 1, "final.epochs", ">= 1", f.epochs)
-    check(f.batch_size >= 1, "final.batch_size", ">= 1", f.batch_size)
-    check(f.skeleton in ("original", "resnet"), "final.skeleton", "original | resnet", f.skeleton)
-    check(0 <= f.ema_decay < 1, "final.ema_decay", "[0, 1)", f.ema_decay)
-    check(f.cutout >= 0, "final.cutout", ">= 0", f.cutout)
-    check(f.schedule in ("cosine", "linear"), "final.schedule", "cosine | linear", f.schedule)
-    check(f.width >= 0, "final.width", ">= 0 (0 = the searched widths)", f.width)
-    check(0 <= f.momentum < 1, "final.momentum", "[0, 1)", f.momentum)
-    check(0 <= f.label_smoothing < 1, "final.label_smoothing", "[0, 1)", f.label_smoothing)
-    check(f.warmup_epochs >= 0, "final.warmup_epochs", ">= 0 (clamped to the run length)", f.warmup_epochs)
-    check(math.isfinite(f.path_scale_init), "final.path_scale_init", "a finite number", f.path_scale_init)
-    check(f.eval_every >= 0, "final.eval_every", ">= 0 epochs (0 = no curve)", f.eval_every)
-    check(f.val_size >= 0, "final.val_size", ">= 0 (0 = the reporting run)", f.val_size)
-    check(f.tta in TTA_MODES, "final.tta", " | ".join(TTA_MODES), f.tta)
+def describe(cfg: Config, registered: dict[str, str]) -> list[tuple[str, Any, str]]:
+    """``(key, value, allowed values)`` of every option; ``registered`` gives the allowed values of the options
+    that name ops, modes and growth kinds (their registries sit above this module)."""
+    bounds = ranges(cfg)
+    rows = []
+    for key, value in leaves(cfg):
+        if key in bounds:
+            allowed = str(bounds[key])
+        elif key in CHOICES:
+            allowed = " | ".join(CHOICES[key])
+        elif isinstance(value, bool):
+            allowed = "true | false"
+        else:
+            allowed = registered.get(key) or FREE_TEXT[key]
+        rows.append((key, value, allowed))
+    return rows
 
 
 def final_train_images(d: DataConfig) -> int:

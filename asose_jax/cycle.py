@@ -7,15 +7,12 @@ order comes from ``(seed, epoch_id)`` and per-step randomness from ``fold_in(key
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,30 +27,9 @@ from asose_jax.errors import CheckpointError, DivergenceError
 from asose_jax.model import NetSpec, build_spec, count_params
 from asose_jax.steps import evaluate, make_steps
 from asose_jax.train_state import PHASES, create_train_state, zero_sums
-from asose_jax.utils import LOG_EVERY, device_name, write_json, write_jsonl
+from asose_jax.utils import LOG_EVERY, ctrl_c_flag, device_name, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def ctrl_c_flag():
-    """While active, a first Ctrl-C only sets the yielded event (the loop stops at the next step boundary with
-    KeyboardInterrupt, from Python code, so no C++ call can swallow it); a second one interrupts at once."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield None
-        return
-
-    def handler(signum, frame):
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
-        print("stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)
@@ -102,6 +78,7 @@ class Run:
         self.task_index, self.step_in_epoch = 0, 0
         self.alpha_history: list[dict] = []
         self._interrupt = None  # set by execute(): Ctrl-C stops at the next step boundary
+        self.on_sync: Callable[[int], None] | None = None  # called with state.step at each progress sync
         self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
         self.config_hash = resume_hash(cfg)  # what must match to resume (checkpoint.*, data.dir, resume.* excluded)
         self.wall_offset = 0.0
@@ -161,14 +138,19 @@ class Run:
         if self.ckpt is None:
             return
         if not all_finite(self.state):
-            raise DivergenceError(f"the state became NaN/Inf by step {int(self.state.step)}; not saved, the last "
-                                  f"good checkpoint is kept")
+            raise DivergenceError(f"the state became NaN/Inf by step {int(self.state.step)}; not saved: "
+                                  f"{self.kept_checkpoint()}")
         meta = {"task_index": self.task_index, "step_in_epoch": self.step_in_epoch, "metrics": self.metrics,
                 "alpha_history": self.alpha_history, "config_hash": self.config_hash, "wall_s": self.wall_s()}
         self.ckpt.save(self.state, self.spec, meta)
 
     def wall_s(self) -> float:
         return self.wall_offset + time.perf_counter() - self._t0
+
+    def kept_checkpoint(self) -> str:
+        """What a stop on NaN/Inf leaves to resume from: the newest checkpoint saved, or none."""
+        last = self.ckpt.next_id() - 1 if self.ckpt is not None else -1
+        return f"checkpoint {last}, the last good one, is kept" if last >= 0 else "no checkpoint was saved"
 
     # -------------------------------------------------------------------------------------- logging
     def _write_metrics(self) -> None:
@@ -210,6 +192,8 @@ class Run:
             if (i + 1) % LOG_EVERY == 0 or i + 1 == n_steps:
                 sums = jax.device_get(self.state.sums)
                 self._check_finite(sums, task)
+                if self.on_sync is not None:
+                    self.on_sync(int(self.state.step))
                 bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
                                 acc=f"{100 * sums['correct'] / max(sums['count'], 1):.1f}", refresh=False)
                 bar.update(i + 1 - bar.n)
@@ -250,7 +234,7 @@ class Run:
     def _check_finite(self, sums: dict, task: Task) -> None:
         if not math.isfinite(float(sums["loss"])):
             raise DivergenceError(f"loss became NaN/Inf at step {int(self.state.step)} (cycle {task.cycle}, "
-                                  f"{task.phase} epoch {task.epoch + 1}); the last good checkpoint is kept")
+                                  f"{task.phase} epoch {task.epoch + 1}); {self.kept_checkpoint()}")
 
     def cycle_accuracies(self) -> list[float]:
         return [r["val_acc"] for r in self.metrics if r.get("event") == "cycle_end"]

@@ -247,7 +247,7 @@ def load_cifar10_dir(path: str | os.PathLike, verify: bool = True) -> tuple[Spli
     test = _read_batch(root / CIFAR10_TEST_FILE)
     if verify:
         verify_cifar10_dir(root)
-    logger.info("loaded CIFAR-10 from %s: %d train, %d test", root, len(train), len(test))
+    logger.debug("loaded CIFAR-10 from %s: %d train, %d test", root, len(train), len(test))
     return train, test
 
 

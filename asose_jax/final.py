@@ -55,7 +55,8 @@ from asose_jax.genotype import genotype_spec, load_genotype
 from asose_jax.model import NetSpec, apply_network, count_params, init_network
 from asose_jax.steps import padded_batches
 from asose_jax.train_state import compute_dtype, cross_entropy
-from asose_jax.utils import EVAL_BATCH, LOG_EVERY, device_name, write_json, write_jsonl
+from asose_jax.utils import (EVAL_BATCH, FINAL_CHECKPOINTS, LOG_EVERY, ctrl_c_flag, device_name, write_json,
+                             write_jsonl)
 
 logger = logging.getLogger("asose_jax")
 EPOCH_ID_OFFSET = 10_000  # epoch order: epoch_permutation(seed, EPOCH_ID_OFFSET + epoch, ...)
@@ -257,9 +258,9 @@ def hold_out(x: np.ndarray, y: np.ndarray, val_size: int, seed: int) -> tuple[np
     return x[~held], y[~held], x[held], y[held]
 
 
-def prepare_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path) -> FinalRun:
-    """The fixed-op network of ``genotype``, the data on the device (``final.val_size`` held out), the compiled
-    steps and the checkpointer."""
+def final_split(cfg: Config, genotype: dict, data: Dataset) -> tuple[NetSpec, tuple[np.ndarray, ...]]:
+    """The fixed-op network of ``genotype`` and its host data ``(x_train, y_train, x_val, y_val)``: train +
+    arch_val with ``final.val_size`` held out. Raises GenotypeError / ConfigError when they do not fit."""
     f = cfg.final
     spec = genotype_spec(genotype, f.skeleton, f.width)
     if spec.num_classes != data.num_classes:
@@ -269,35 +270,62 @@ def prepare_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path) -> 
     if len(y_np) < f.batch_size:
         raise ConfigError(f"final.batch_size={f.batch_size} is larger than the {len(y_np)} training images")
     check_final_val_size(f, len(y_np))
-    x_np, y_np, x_val, y_val = hold_out(x_np, y_np, f.val_size, cfg.seed)
+    return spec, hold_out(x_np, y_np, f.val_size, cfg.seed)
+
+
+def prepare_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path) -> FinalRun:
+    """The fixed-op network of ``genotype``, the data on the device (``final.val_size`` held out), the compiled
+    steps and the checkpointer."""
+    spec, (x_np, y_np, x_val, y_val) = final_split(cfg, genotype, data)
     n = int(x_np.shape[0])
-    steps_per_epoch = n // f.batch_size
-    ckpt = Checkpointer(workdir / "final_checkpoints", cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
+    steps_per_epoch = n // cfg.final.batch_size
+    ckpt = Checkpointer(workdir / FINAL_CHECKPOINTS, cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
     return FinalRun(cfg, spec, make_final_steps(spec, cfg, steps_per_epoch), jnp.asarray(x_np), jnp.asarray(y_np),
                     jnp.asarray(x_val), jnp.asarray(y_val), jnp.asarray(data.test.images),
                     jnp.asarray(data.test.labels), steps_per_epoch, run_fingerprint(spec, cfg, n), ckpt)
+
+
+def same_run_check(directory: Path, fingerprint: str) -> Callable[[dict], None]:
+    """``check(meta)``: CheckpointError unless a final checkpoint's meta carries ``fingerprint``."""
+    def check(meta: dict) -> None:
+        if meta.get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{directory} holds a final training of another network or recipe (final.* "
+                                  f"and the genotype must match; resume.allow_config_change does not apply): use a "
+                                  f"new --workdir or delete that folder")
+    return check
+
+
+def check_final_checkpoints(cfg: Config, genotype: dict, data: Dataset, workdir: Path) -> None:
+    """Raise now what :func:`train_final` would raise before its first step (the genotype or the batch does
+    not fit the data; the checkpoints in ``workdir`` are of another network or recipe), writing nothing: the
+    commands call it before they write ``config.json``."""
+    spec, (x_train, *_) = final_split(cfg, genotype, data)
+    directory = workdir / FINAL_CHECKPOINTS
+    if cfg.checkpoint.enabled and any(p.name.isdigit() for p in directory.glob("*")):
+        meta = Checkpointer(directory, cfg.checkpoint.max_to_keep).newest_meta()
+        if meta is not None:
+            same_run_check(directory, run_fingerprint(spec, cfg, len(x_train)))(meta)
 
 
 def restore_or_init(run: FinalRun, workdir: Path) -> tuple[FinalState, dict]:
     """The newest final checkpoint that restores and its meta (epoch, wall_s, metrics), or a fresh state.
 
     Raises CheckpointError when the checkpoints belong to another network or recipe (their fingerprint)."""
-    def same_run(meta: dict) -> None:
-        if meta.get("fingerprint") != run.fingerprint:
-            raise CheckpointError(f"{workdir / 'final_checkpoints'} holds a final training of another network or "
-                                  f"recipe; use a new --workdir or delete that folder")
     restored = None
     if run.ckpt is not None:
-        restored = run.ckpt.restore_latest(lambda spec: jax.eval_shape(run.steps.init), same_run)
+        restored = run.ckpt.restore_latest(lambda spec: jax.eval_shape(run.steps.init),
+                                           same_run_check(run.ckpt.directory, run.fingerprint))
     if restored is None:
         return run.steps.init(), {"epoch": 0, "wall_s": 0.0, "metrics": []}
-    logger.info("final training: resumed from %s at epoch %d/%d", workdir / "final_checkpoints",
+    logger.info("final training: resumed from %s at epoch %d/%d", workdir / FINAL_CHECKPOINTS,
                 restored.meta["epoch"], run.cfg.final.epochs)
     return restored.state, restored.meta
 
 
-def train_epoch(run: FinalRun, state: FinalState, epoch: int, progress: bool) -> tuple[FinalState, dict]:
-    """One epoch in the order of ``(seed, EPOCH_ID_OFFSET + epoch)``; returns the state and its metrics row."""
+def train_epoch(run: FinalRun, state: FinalState, epoch: int, progress: bool,
+                interrupt=None) -> tuple[FinalState, dict]:
+    """One epoch in the order of ``(seed, EPOCH_ID_OFFSET + epoch)``; returns the state and its metrics row.
+    Raises KeyboardInterrupt after the step during which ``interrupt`` (a ``threading.Event``) was set."""
     from tqdm.auto import tqdm
     f, bs, n_steps = run.cfg.final, run.cfg.final.batch_size, run.steps_per_epoch
     perm = jnp.asarray(epoch_permutation(run.cfg.seed, EPOCH_ID_OFFSET + epoch, int(run.x_all.shape[0]), bs))
@@ -307,6 +335,8 @@ def train_epoch(run: FinalRun, state: FinalState, epoch: int, progress: bool) ->
     t_epoch = time.perf_counter()
     for i in range(n_steps):
         state = run.steps.train_step(state, run.x_all, run.y_all, perm, i)
+        if interrupt is not None and interrupt.is_set():  # Ctrl-C: the last epoch's checkpoint is the resume point
+            raise KeyboardInterrupt
         if (i + 1) % LOG_EVERY == 0 or i + 1 == n_steps:
             if progress:
                 sums = jax.device_get(state.sums)
@@ -356,18 +386,19 @@ def train_final(cfg: Config, genotype: dict, data: Dataset, workdir: Path, progr
 
     stop_after = _stop_after_epoch()
     try:
-        for epoch in range(start_epoch, f.epochs):
-            state, row = train_epoch(run, state, epoch, progress)
-            row["wall_s"] = wall()
-            metrics.append(row)
-            write_jsonl(workdir / "final_metrics.jsonl", metrics)
-            logger.info("final epoch %d/%d: loss %.4f, train acc %.2f %%, lr %.4f, %.0f img/s", epoch + 1, f.epochs,
-                        row["loss"], row["acc"], row["lr"], row["img_per_s"])
-            if run.ckpt is not None:
-                run.ckpt.save(state, run.spec, {"epoch": epoch + 1, "wall_s": wall(), "metrics": metrics,
-                                                "fingerprint": run.fingerprint})
-            if stop_after and epoch + 1 == stop_after and epoch + 1 < f.epochs:
-                raise KeyboardInterrupt(f"{STOP_AFTER_EPOCH_ENV}={stop_after}")
+        with ctrl_c_flag() as interrupt:
+            for epoch in range(start_epoch, f.epochs):
+                state, row = train_epoch(run, state, epoch, progress, interrupt)
+                row["wall_s"] = wall()
+                metrics.append(row)
+                write_jsonl(workdir / "final_metrics.jsonl", metrics)
+                logger.info("final epoch %d/%d: loss %.4f, train acc %.2f %%, lr %.4f, %.0f img/s", epoch + 1,
+                            f.epochs, row["loss"], row["acc"], row["lr"], row["img_per_s"])
+                if run.ckpt is not None:
+                    run.ckpt.save(state, run.spec, {"epoch": epoch + 1, "wall_s": wall(), "metrics": metrics,
+                                                    "fingerprint": run.fingerprint})
+                if stop_after and epoch + 1 == stop_after and epoch + 1 < f.epochs:
+                    raise KeyboardInterrupt(f"{STOP_AFTER_EPOCH_ENV}={stop_after}")
     finally:  # also on Ctrl-C and errors: queued saves are finalised before the process exits
         if run.ckpt is not None:
             run.ckpt.wait()
@@ -417,28 +448,36 @@ EPILOG = ("examples:\n"
 
 def build_parser():
     p = cli.build_parser("python -m asose_jax.final", __doc__, EPILOG,
-                         "run directory (default: <genotype dir>/final); re-use it to resume")
-    p.add_argument("--genotype", required=True, metavar="PATH", help="genotype.json written by a search")
+                         "run directory (default: <genotype dir>/final); re-use it to resume",
+                         set_example="--set final.lr=0.2 --set final.epochs=40")
+    p.add_argument("--genotype", metavar="PATH", help="genotype.json written by a search (required)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from asose_jax.data import load_dataset
-    args = build_parser().parse_args(argv)
-    cli.setup_logging(args.quiet)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.genotype or args.show_config):
+        parser.error("the following arguments are required: --genotype")
+    cli.setup_logging(args.quiet, args.debug)
 
     def train() -> None:
         cfg, _ = cli.resolve_config(args)
+        if args.show_config:
+            cli.show_config(cfg)
+            return
         genotype = load_genotype(args.genotype)
         spec = genotype_spec(genotype, cfg.final.skeleton, cfg.final.width)
         workdir = Path(args.workdir) if args.workdir else Path(args.genotype).parent / "final"
-        cli.check_workdir(workdir, cfg)
-        cli.write_config(workdir, cfg)
-        cli.enable_compilation_cache()
-        data = load_dataset(cfg.data, cfg.seed)
-        result = train_final(cfg, genotype, data, workdir, progress=not args.no_progress)
-        metrics = [json.loads(line) for line in (workdir / "final_metrics.jsonl").read_text().splitlines() if line]
-        write_final_summary(workdir, result, spec, metrics)
+        with cli.open_workdir(workdir, cfg):
+            cli.enable_compilation_cache()
+            data = load_dataset(cfg.data, cfg.seed)
+            check_final_checkpoints(cfg, genotype, data, workdir)
+            cli.write_config(workdir, cfg)  # only now: a refused run leaves config.json as it was
+            result = train_final(cfg, genotype, data, workdir, progress=cli.progress(args))
+            rows = (workdir / "final_metrics.jsonl").read_text().splitlines()
+            write_final_summary(workdir, result, spec, [json.loads(line) for line in rows if line])
         print(f"test accuracy {result['test_acc']:.2f} % ({tta_label(result)} {result['test_acc_tta']:.2f} %); "
               f"{workdir / 'final.json'}")
 

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 from asose_jax import cli
-from asose_jax.config import Config
+from asose_jax.config import Config, check
+from asose_jax.errors import CheckpointError
+from asose_jax.utils import FINAL_CHECKPOINTS
 
 logger = logging.getLogger("asose_jax")
 
@@ -29,24 +31,32 @@ def build_parser():
 def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     """Load data, resume or start, run every task, write genotype, plots and summary; returns the result.
 
-    With ``final.enabled`` the derived network is trained after the search (``asose_jax.final``, which
-    resumes from ``workdir/final_checkpoints``; the search above then restores as "all tasks done")."""
+    Whatever can refuse the run (the data, the batch size against it, the checkpoints, the final training's
+    checkpoints) is checked before ``config.json`` is written. With ``final.enabled`` the derived network is
+    trained after the search (``asose_jax.final``, which resumes from ``workdir/final_checkpoints``; the
+    search above then restores as "all tasks done")."""
+    import jax
+
     from asose_jax.cost import check_search_cost
     from asose_jax.cycle import Run
     from asose_jax.data import load_dataset
+    from asose_jax.estimate import FirstStepsEstimate, steps_left
     from asose_jax.final import train_final
     from asose_jax.report import write_report
 
     check_search_cost(cfg)  # a latency table lacking a shape stops here, before the data loads
     data = load_dataset(cfg.data, cfg.seed)
-    logger.info("data: %s (weights %d, arch-val %d, test %d)", data.source, len(data.train.labels),
-                len(data.arch_val.labels), len(data.test.labels))
+    check_batches_fit(cfg, data)
     run = Run(cfg, data, workdir, progress=progress)
     if not run.try_resume():
         run.init_state()
         logger.info("new run in %s: %s skeleton, %d blocks, %d weights, mixed-op mode %s", workdir,
                     cfg.model.skeleton, len(run.spec.blocks), run.param_count(), cfg.mixed_op.mode)
-    cli.write_config(workdir, cfg)  # only now: bad data or unusable checkpoints leave config.json as it was
+    if cfg.final.enabled:
+        check_final_resume(cfg, run, data, workdir)
+    cli.write_config(workdir, cfg)  # only now: a refused run leaves config.json as it was
+    if jax.default_backend() == "cpu":
+        run.on_sync = FirstStepsEstimate(steps_left(run), int(run.state.step), cfg.data.batch_size)
     result = run.execute()
     result["wall_s"] = run.wall_s()
     genotype = run.genotype()
@@ -56,27 +66,45 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     return result
 
 
+def check_batches_fit(cfg: Config, data) -> None:
+    """ConfigError unless ``data.batch_size`` leaves a batch in the weights split, and in arch-val when there
+    are arch epochs (every epoch drops its last partial batch)."""
+    splits = [("weights split", len(data.train))] + ([("arch-val split", len(data.arch_val))]
+                                                      if cfg.cycle.arch_epochs else [])
+    for split, n in splits:
+        check(cfg.data.batch_size <= n, "data.batch_size", f"1..{n} (the {split} has {n} images)",
+              cfg.data.batch_size)
+
+
+def check_final_resume(cfg: Config, run, data, workdir: Path) -> None:
+    """CheckpointError unless the final training's checkpoints in ``workdir``, if any, are of this search's
+    genotype and ``final.*`` recipe (``resume.allow_config_change`` does not reach them)."""
+    from asose_jax.final import check_final_checkpoints
+    if run.task_index == len(run.tasks):  # the search is done: its genotype is the final training's
+        check_final_checkpoints(cfg, run.genotype(), data, workdir)
+    elif any(p.name.isdigit() for p in (workdir / FINAL_CHECKPOINTS).glob("*")):
+        raise CheckpointError(f"{workdir / FINAL_CHECKPOINTS} holds the final training of a finished search, and "
+                              f"this config runs the search further; use a new --workdir or delete that folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging(args.quiet)
-    run: dict = {"workdir": None, "created": False}
+    cli.setup_logging(args.quiet, args.debug)
 
     def search() -> None:
         cfg, name = cli.resolve_config(args)
-        run["workdir"] = workdir = Path(args.workdir or Path("runs") / name)
-        run["created"] = cli.check_workdir(workdir, cfg)
-        cli.enable_compilation_cache()
-        t0 = time.perf_counter()
-        result = run_search(cfg, workdir, progress=not args.no_progress)
+        if args.show_config:
+            cli.show_config(cfg)
+            return
+        workdir = Path(args.workdir or Path("runs") / name)
+        with cli.open_workdir(workdir, cfg):
+            cli.enable_compilation_cache()
+            t0 = time.perf_counter()
+            result = run_search(cfg, workdir, progress=cli.progress(args))
         logger.info("done in %.1f s: arch-val %.2f %%, test %.2f %%; genotype %s", time.perf_counter() - t0,
                     result["arch_val_acc"], result["test_acc"], workdir / "genotype.json")
 
-    def forget_new_workdir() -> None:  # a workdir this call made and left empty goes again
-        if run["created"]:
-            cli.remove_if_empty(run["workdir"])
-
-    return cli.run_cli(search, args.debug, "queued checkpoints were written; re-run the same command to resume",
-                       forget_new_workdir)
+    return cli.run_cli(search, args.debug, "queued checkpoints were written; re-run the same command to resume")
 
 
 if __name__ == "__main__":

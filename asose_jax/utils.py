@@ -1,13 +1,19 @@
 """Small helpers shared by the commands and the training loops: one-line error text, the device name,
-atomic JSON writes and the loop constants. Imports no jax at module level."""
+atomic JSON writes, Ctrl-C at step boundaries and the loop constants. Imports no jax at module level."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 LOG_EVERY = 50  # steps between progress-bar refreshes (each one is a host sync)
 EVAL_BATCH = 1000  # images per evaluation batch (one compiled shape)
+SEARCH_CHECKPOINTS, FINAL_CHECKPOINTS = "checkpoints", "final_checkpoints"  # their folders in a workdir
+CHECKPOINT_DIRS = (SEARCH_CHECKPOINTS, FINAL_CHECKPOINTS)
 
 
 def one_line(e: BaseException) -> str:
@@ -38,3 +44,26 @@ def write_json(path: str | Path, obj) -> None:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """One JSON object per line, keys sorted, atomically replaced."""
     _replace_text(Path(path), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+
+@contextlib.contextmanager
+def ctrl_c_flag():
+    """While active, a first Ctrl-C only sets the yielded event (the training loop stops at the next step
+    boundary with KeyboardInterrupt, raised from Python code, so no C++ call or garbage-collector callback can
+    swallow it); a second one interrupts at once. Yields None off the main thread (no signal handler there)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        print("stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -81,12 +82,12 @@ def cli(argv, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
     (["--set", "mixed_op.k=0"], ["mixed_op.k=0"]),
     (["--set", "mixed_op.weight_threshold=1.0"], ["mixed_op.weight_threshold=1.0", "[0, 1)"]),
     (["--set", "mixed_op.weight_threshold=-0.1"], ["mixed_op.weight_threshold=-0.1", "[0, 1)"]),
-    (["--set", "cycle.weight_epochs=0"], ["cycle.weight_epochs=0", ">= 1"]),
+    (["--set", "cycle.weight_epochs=0"], ["cycle.weight_epochs=0", "1..10000"]),
     (["--set", "cycle.max_cycles=0"], ["cycle.max_cycles=0"]),
     (["--set", "final.epochs=0"], ["final.epochs=0"]),
     (["--set", "mixed_op.mode=sometimes"], ["mixed_op.mode", "dense"]),
     (["--set", "model.ops=sep_conv_3x3,no_such_op"], ["model.ops", "no_such_op"]),
-    (["--set", "growth.deepen_skip_prob=1.5"], ["growth.deepen_skip_prob=1.5", "out of range", "0 < p < 1"]),
+    (["--set", "growth.deepen_skip_prob=1.5"], ["growth.deepen_skip_prob=1.5", "out of range", "(0, 1)"]),
 ])
 def test_bad_config_value(capsys, tmp_path, argv, needles):
     workdir = tmp_path / "run"
@@ -273,27 +274,43 @@ def test_final_cli_rejects_a_bad_genotype(capsys, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- divergence
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(xla_cache, tmp_path):
-    """lr=1e30: step 1 still has a finite loss (and is checkpointed with every_steps=1); the loss of step 2
-    is NaN/Inf. The run exits 3 naming the step, writes no genotype, and its newest checkpoint is finite."""
+DIVERGE = ["--set", "optim.lr=10", "--set", "optim.clip_norm=1000", "--set", "optim.momentum=0.99",
+           "--set", "optim.weight_decay=1"]  # in range, and NaN/Inf within the warm-up epoch of the smoke preset
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(xla_cache, tmp_path):
+    """With a save after every step, the run exits 3 naming the step and the checkpoint it keeps, writes no
+    genotype, and that checkpoint (the newest) is finite."""
     import orbax.checkpoint as ocp
     workdir = tmp_path / "run"
-    proc = cli([*SMOKE, "--workdir", str(workdir), "--set", "optim.lr=1e30", "--set", "checkpoint.every_steps=1"],
+    proc = cli([*SMOKE, "--workdir", str(workdir), *DIVERGE, "--set", "checkpoint.every_steps=1"],
                env_extra={"ASOSE_JAX_CACHE": str(xla_cache), "ASOSE_JAX_CACHE_MIN_COMPILE_S": "0"})
     assert proc.returncode == 3, proc.stderr[-4000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-4000:]
-    assert "NaN/Inf" in errors[0] and "at step 2 " in errors[0], errors[0]
+    match = re.search(r"NaN/Inf .*step (\d+).*: checkpoint (\d+), the last good one, is kept", errors[0])
+    assert match, errors[0]
     assert "Traceback" not in proc.stderr
     assert not (workdir / "genotype.json").exists()
     ckpts = workdir / "checkpoints"
     ids = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    assert ids == [0]  # the step-1 save; nothing after the divergence
+    assert ids[-1] == int(match.group(2))  # nothing after the divergence
     assert not [p for p in ckpts.iterdir() if not p.name.isdigit()]  # no half-written save either
     manager = ocp.CheckpointManager(ckpts.resolve())
     restored = manager.restore(ids[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                 meta=ocp.args.JsonRestore()))
-    assert restored["meta"]["task_index"] == 0 and restored["meta"]["step_in_epoch"] == 1
+    assert restored["meta"]["task_index"] == 0 and restored["meta"]["step_in_epoch"] < int(match.group(1))
     leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored["state"])]
     assert all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
     manager.close()
+
+
+def test_nan_before_the_first_checkpoint_says_so_and_leaves_no_workdir(xla_cache, tmp_path):
+    workdir = tmp_path / "run"
+    proc = cli([*SMOKE, "--workdir", str(workdir), *DIVERGE],
+               env_extra={"ASOSE_JAX_CACHE": str(xla_cache), "ASOSE_JAX_CACHE_MIN_COMPILE_S": "0"})
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "NaN/Inf" in error and "no checkpoint was saved" in error, error
+    assert "last good" not in error and "Traceback" not in proc.stderr
+    assert not workdir.exists()  # the corrected command starts clean
