@@ -375,7 +375,7 @@ def test_search_logs_the_data_line_once_and_the_cpu_estimate_once(caplog, tmp_pa
     with caplog.at_level(logging.INFO):
         assert search.main([*SMOKE, "--set", "cycle.max_cycles=1", "--workdir", str(tmp_path / "run")]) == 0
     messages = [r.getMessage() for r in caplog.records]
-    assert len([m for m in messages if m.startswith("data ")]) == 1, messages
+    assert len([m for m in messages if m.startswith("data")]) == 1, messages
     estimates = [r for r in caplog.records if r.getMessage().startswith("no GPU or TPU found")]
     assert len(estimates) == 1 and estimates[0].levelno == logging.WARNING, messages
     assert "img/s" in estimates[0].getMessage() and "more" in estimates[0].getMessage()
