@@ -522,8 +522,7 @@ def check_has_final(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging(args.quiet)
-    run: dict = {"workdir": None, "created": False}
+    cli.setup_logging(args.quiet, args.debug)
 
     def study() -> None:
         seeds, baselines = parse_seeds(args.seeds), parse_baselines(args.baselines)
@@ -533,20 +532,18 @@ def main(argv: list[str] | None = None) -> int:
         check_has_final(args)
         cfg, name = cli.resolve_config(args)
         cfg = study_config(cfg)
+        if args.show_config:
+            cli.show_config(cfg)
+            return
         check_cost_weights(cfg, cost_weights)
-        run["workdir"] = workdir = Path(args.workdir or Path("runs") / f"study_{name}")
-        run["created"] = cli.check_workdir(workdir, cfg)
-        cli.write_config(workdir, cfg)
-        cli.enable_compilation_cache()
-        records = run_study(cfg, workdir, seeds, baselines, progress=not args.no_progress, cost_weights=cost_weights)
+        workdir = Path(args.workdir or Path("runs") / f"study_{name}")
+        with cli.open_workdir(workdir, cfg):
+            cli.write_config(workdir, cfg)
+            cli.enable_compilation_cache()
+            records = run_study(cfg, workdir, seeds, baselines, progress=cli.progress(args), cost_weights=cost_weights)
         print(f"{len(records)} networks; {workdir / 'study.md'}")
 
-    def forget_new_workdir() -> None:
-        if run["created"]:
-            cli.remove_if_empty(run["workdir"])
-
-    return cli.run_cli(study, args.debug, "finished networks are kept; re-run the same command to resume",
-                       forget_new_workdir)
+    return cli.run_cli(study, args.debug, "finished networks are kept; re-run the same command to resume")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,27 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     assert not (tmp_path / "study").exists()
 
 
+def test_show_config_prints_every_key_and_exits_0_without_a_workdir(tmp_path, capsys):
+    rc = study.main(["--seeds", "0", "--config", "configs/study_smoke.py", "--show-config",
+                     "--workdir", str(tmp_path / "study")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "final.val_size" in out and "arch.cost_weight" in out
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_study_workdir_in_use_is_refused_in_one_line(tmp_path, capsys):
+    from asose_jax import cli
+    workdir = tmp_path / "study"
+    workdir.mkdir()
+    fd = cli.lock_workdir(workdir)
+    try:
+        rc = study.main(["--seeds", "0", "--config", "configs/study_smoke.py", "--workdir", str(workdir), "-q"])
+    finally:
+        cli.unlock_workdir(workdir, fd)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "in use by pid" in err and "\n" not in err, err
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
