@@ -25,7 +25,7 @@ from pathlib import Path
 from asose_jax import config as config_lib
 from asose_jax.config import Config, check
 from asose_jax.errors import BadInput, DiskFullError, DivergenceError, UsageError, is_disk_full
-from asose_jax.utils import CHECKPOINT_DIRS, one_line, write_json
+from asose_jax.utils import CHECKPOINT_DIRS, holds_checkpoint, one_line, write_json
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -173,11 +173,6 @@ def unlock_workdir(workdir: Path, fd: int) -> None:
     os.close(fd)
 
 
-def holds_checkpoints(workdir: Path) -> bool:
-    """True when ``workdir`` holds a finalised checkpoint of the search or the final training."""
-    return any(p.name.isdigit() for d in CHECKPOINT_DIRS if (workdir / d).is_dir() for p in (workdir / d).iterdir())
-
-
 @contextlib.contextmanager
 def open_workdir(workdir: Path, cfg: Config) -> Iterator[None]:
     """The workdir of one command while it runs: created, locked (:func:`lock_workdir`), its config checked
@@ -202,7 +197,7 @@ def open_workdir(workdir: Path, cfg: Config) -> Iterator[None]:
         check_config_change(workdir, cfg)
         yield
     except (BadInput, DivergenceError):
-        if created and not holds_checkpoints(workdir):
+        if created and not any(holds_checkpoint(workdir / d) for d in CHECKPOINT_DIRS):
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:

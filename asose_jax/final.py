@@ -55,8 +55,8 @@ from asose_jax.genotype import genotype_spec, load_genotype
 from asose_jax.model import NetSpec, apply_network, count_params, init_network
 from asose_jax.steps import padded_batches
 from asose_jax.train_state import compute_dtype, cross_entropy
-from asose_jax.utils import (EVAL_BATCH, FINAL_CHECKPOINTS, LOG_EVERY, ctrl_c_flag, device_name, write_json,
-                             write_jsonl)
+from asose_jax.utils import (EVAL_BATCH, FINAL_CHECKPOINTS, LOG_EVERY, ctrl_c_flag, device_name, holds_checkpoint,
+                             write_json, write_jsonl)
 
 logger = logging.getLogger("asose_jax")
 EPOCH_ID_OFFSET = 10_000  # epoch order: epoch_permutation(seed, EPOCH_ID_OFFSET + epoch, ...)
@@ -301,7 +301,7 @@ def check_final_checkpoints(cfg: Config, genotype: dict, data: Dataset, workdir:
     commands call it before they write ``config.json``."""
     spec, (x_train, *_) = final_split(cfg, genotype, data)
     directory = workdir / FINAL_CHECKPOINTS
-    if cfg.checkpoint.enabled and any(p.name.isdigit() for p in directory.glob("*")):
+    if cfg.checkpoint.enabled and holds_checkpoint(directory):
         meta = Checkpointer(directory, cfg.checkpoint.max_to_keep).newest_meta()
         if meta is not None:
             same_run_check(directory, run_fingerprint(spec, cfg, len(x_train)))(meta)

@@ -13,7 +13,7 @@ from pathlib import Path
 from asose_jax import cli
 from asose_jax.config import Config, check
 from asose_jax.errors import CheckpointError
-from asose_jax.utils import FINAL_CHECKPOINTS
+from asose_jax.utils import FINAL_CHECKPOINTS, holds_checkpoint
 
 logger = logging.getLogger("asose_jax")
 
@@ -82,7 +82,7 @@ def check_final_resume(cfg: Config, run, data, workdir: Path) -> None:
     from asose_jax.final import check_final_checkpoints
     if run.task_index == len(run.tasks):  # the search is done: its genotype is the final training's
         check_final_checkpoints(cfg, run.genotype(), data, workdir)
-    elif any(p.name.isdigit() for p in (workdir / FINAL_CHECKPOINTS).glob("*")):
+    elif holds_checkpoint(workdir / FINAL_CHECKPOINTS):
         raise CheckpointError(f"{workdir / FINAL_CHECKPOINTS} holds the final training of a finished search, and "
                               f"this config runs the search further; use a new --workdir or delete that folder")
 

@@ -16,6 +16,12 @@ SEARCH_CHECKPOINTS, FINAL_CHECKPOINTS = "checkpoints", "final_checkpoints"  # th
 CHECKPOINT_DIRS = (SEARCH_CHECKPOINTS, FINAL_CHECKPOINTS)
 
 
+def holds_checkpoint(directory: Path) -> bool:
+    """True when ``directory`` holds a finalised checkpoint (Orbax names it by its id; a save in progress has
+    another name)."""
+    return any(p.name.isdigit() for p in Path(directory).glob("*"))
+
+
 def one_line(e: BaseException) -> str:
     """The message of ``e`` with its whitespace collapsed to single spaces, or its type name when it has none."""
     return " ".join(str(e).split()) or type(e).__name__
@@ -44,7 +50,6 @@ def write_json(path: str | Path, obj) -> None:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """One JSON object per line, keys sorted, atomically replaced."""
     _replace_text(Path(path), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
 
 
 @contextlib.contextmanager
