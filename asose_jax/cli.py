@@ -183,15 +183,13 @@ def open_workdir(workdir: Path, cfg: Config) -> Iterator[None]:
     the way out.
     """
     created = not workdir.exists()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"workdir {workdir} is not writable ({e.strerror or e})") from None
+    make_workdir(workdir)
     try:
         fd = lock_workdir(workdir)
     except UsageError:
         if created:
-            remove_if_empty(workdir)
+            with contextlib.suppress(OSError):  # removed only when empty
+                workdir.rmdir()
         raise
     try:
         check_config_change(workdir, cfg)
@@ -204,22 +202,25 @@ def open_workdir(workdir: Path, cfg: Config) -> Iterator[None]:
         unlock_workdir(workdir, fd)
 
 
-def check_workdir(workdir: Path, cfg: Config) -> bool:
-    """Create the workdir, check it is writable, and refuse a changed config (:func:`check_config_change`).
-
-    Writes nothing else (see :func:`write_config`); returns True when this call created the directory. Takes
-    no lock: the commands use :func:`open_workdir`.
-    """
-    created = not workdir.exists()
+def make_workdir(workdir: Path, probe: bool = False) -> None:
+    """Create ``workdir`` (and its parents); with ``probe``, also write and remove a file in it. UsageError
+    when that fails."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        if probe:
+            (workdir / ".write_test").write_text("ok")
+            (workdir / ".write_test").unlink()
     except OSError as e:
         raise UsageError(f"workdir {workdir} is not writable ({e.strerror or e})") from None
+
+
+def check_workdir(workdir: Path, cfg: Config) -> None:
+    """Create the workdir, check it is writable, and refuse a changed config (:func:`check_config_change`).
+
+    Writes nothing else (see :func:`write_config`). Takes no lock: the commands use :func:`open_workdir`.
+    """
+    make_workdir(workdir, probe=True)
     check_config_change(workdir, cfg)
-    return created
 
 
 def check_config_change(workdir: Path, cfg: Config) -> None:
@@ -287,12 +288,11 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_cli(action: Callable[[], None], debug: bool, interrupted: str,
-            on_bad_input: Callable[[], None] = lambda: None) -> int:
+def run_cli(action: Callable[[], None], debug: bool, interrupted: str) -> int:
     """Run ``action`` and turn what a user can cause into one line on stderr and an exit code: bad input or a
-    full disk -> 2 (after ``on_bad_input``), divergence -> 3, Ctrl-C -> 130 (with ``interrupted``), success
-    -> 0. With ``debug`` the errors propagate, full traceback included. After a handled failure nothing more
-    is printed (:func:`_quiet_exit`)."""
+    full disk -> 2, divergence -> 3, Ctrl-C -> 130 (with ``interrupted``), success -> 0. With ``debug`` the
+    errors propagate, full traceback included. After a handled failure nothing more is printed
+    (:func:`_quiet_exit`)."""
     try:
         action()
     except KeyboardInterrupt:
@@ -301,15 +301,12 @@ def run_cli(action: Callable[[], None], debug: bool, interrupted: str,
         _quiet_exit()
         return EXIT_INTERRUPTED
     except (BadInput, DivergenceError) as e:
-        if isinstance(e, BadInput):
-            on_bad_input()
         if debug:
             raise
         return _report(e, EXIT_BAD_INPUT if isinstance(e, BadInput) else EXIT_DIVERGED)
     except Exception as e:  # a full disk while writing an output other than a checkpoint (see Checkpointer)
         if debug or not is_disk_full(e):
             raise
-        on_bad_input()
         return _report(DiskFullError(f"no space left on the device ({one_line(e)}); free some space and re-run "
                                      f"the same command to resume from its last checkpoint"), EXIT_BAD_INPUT)
     return 0
@@ -328,11 +325,3 @@ def _quiet_exit() -> None:
         sys.unraisablehook = lambda unraisable: None
         logging.disable(logging.CRITICAL)
     atexit.register(silence)
-
-
-def remove_if_empty(path: Path) -> None:
-    """Remove ``path`` when it is an empty directory (a workdir a failed command made); else leave it."""
-    try:
-        path.rmdir()
-    except OSError:
-        pass
