@@ -65,12 +65,14 @@ def progress(args) -> bool:
     return not (args.no_progress or args.quiet)
 
 
+def config_path(args) -> Path:
+    """The config file that ``--config`` / ``--preset`` name (``configs/default.py`` when neither does)."""
+    return Path(args.config) if args.config else config_lib.preset_path(args.preset or "default")
+
+
 def resolve_config(args) -> tuple[Config, str]:
     """Config from --config/--preset plus overrides, validated; and a name for the default workdir."""
-    if args.preset:
-        path = config_lib.preset_path(args.preset)
-    else:
-        path = Path(args.config) if args.config else config_lib.preset_path("default")
+    path = config_path(args)
     cfg = config_lib.load_config_file(path)
     overrides = list(args.overrides)
     if args.data_dir:

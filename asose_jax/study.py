@@ -515,7 +515,7 @@ def build_parser():
 
 def check_has_final(args) -> None:
     """ConfigError unless the config file's ``get_config()`` has a ``final`` section (before validation reads it)."""
-    path = config_lib.preset_path(args.preset or "default") if args.preset or not args.config else Path(args.config)
+    path = cli.config_path(args)
     if not isinstance(getattr(config_lib.load_config_file(path), "final", None), FinalConfig):
         raise ConfigError(f"config {path} has no final section: a study trains every network under final.*")
 
