@@ -137,13 +137,9 @@ def parse_baselines(text: str) -> tuple[tuple[str, str], ...]:
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
         kind, _, arg = item.partition(":")
-        if kind == "random" and arg.isdigit() and int(arg) >= 1:
-            pass
-        elif kind == "uniform" and arg in OP_REGISTRY:
-            pass
-        elif kind == "uniform":
+        if kind == "uniform" and arg not in OP_REGISTRY:
             raise UsageError(f"--baselines: unknown op {arg!r} in {item!r} (known: {', '.join(OP_REGISTRY)})")
-        else:
+        if not (kind == "uniform" or (kind == "random" and arg.isdigit() and int(arg) >= 1)):
             raise UsageError(f"--baselines: unknown baseline {item!r} (allowed: random:N with N >= 1, uniform:OP)")
         if (kind == "random" and any(k == "random" for k, _ in out)) or (kind, arg) in out:
             raise UsageError(f"--baselines: {item!r} is given twice")
