@@ -241,10 +241,6 @@ def _parse_value(key: str, raw: str, typ: Any) -> Any:
     raise ConfigError(f"{key}: cannot be set from the command line")
 
 
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``a.b=v`` strings, typed by the dataclass field; unknown keys raise ConfigError."""
     for item in overrides:
@@ -265,7 +261,7 @@ def _set_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
     if len(parts) == 1:
         if is_dataclass(value):
             raise ConfigError(f"{key} is a section; set one of its fields, e.g. {key}.{fields(value)[0].name}=...")
-        return replace(obj, **{head: _parse_value(key, raw, _field_types(type(obj))[head])})
+        return replace(obj, **{head: _parse_value(key, raw, typing.get_type_hints(type(obj))[head])})
     if not is_dataclass(value):
         raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:1])} has no sub-keys")
     return replace(obj, **{head: _set_path(value, parts[1:], raw, key)})
@@ -449,7 +445,7 @@ def config_hash(cfg: Config, ignore: tuple[str, ...] = ("resume",)) -> str:
 def from_dict(d: dict) -> Config:
     def build(cls, data):
         kwargs = {}
-        hints = _field_types(cls)
+        hints = typing.get_type_hints(cls)
         for f_ in fields(cls):
             if f_.name not in data:
                 continue
