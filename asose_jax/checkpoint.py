@@ -43,7 +43,7 @@ def resume_hash(cfg: Config) -> str:
     """
     neutral = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir="", verify=True),
                                   checkpoint=type(cfg.checkpoint)())
-    return config_hash(neutral, ignore=("resume",))
+    return config_hash(neutral)
 
 
 @jax.jit

@@ -436,9 +436,9 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: Config, ignore: tuple[str, ...] = ("resume",)) -> str:
-    """sha256 of the JSON config (sections in ``ignore`` excluded): identifies a run for resume."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
+def config_hash(cfg: Config) -> str:
+    """sha256 of the JSON config less its ``resume`` section (how to resume is not what the run is)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k != "resume"}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
