@@ -92,9 +92,6 @@ class Run:
             jax.random.PRNGKey(self.cfg.seed), self.spec, self.cfg, self.n_weight_steps)
         self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
 
-    def param_count(self) -> int:
-        return count_params(self.state.params)
-
     def abstract_state(self, spec: NetSpec):
         return jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, self.cfg, self.n_weight_steps))
 

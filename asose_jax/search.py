@@ -42,6 +42,7 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     from asose_jax.data import load_dataset
     from asose_jax.estimate import FirstStepsEstimate, steps_left
     from asose_jax.final import train_final
+    from asose_jax.model import count_params
     from asose_jax.report import write_report
 
     check_search_cost(cfg)  # a latency table lacking a shape stops here, before the data loads
@@ -51,7 +52,7 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     if not run.try_resume():
         run.init_state()
         logger.info("new run in %s: %s skeleton, %d blocks, %d weights, mixed-op mode %s", workdir,
-                    cfg.model.skeleton, len(run.spec.blocks), run.param_count(), cfg.mixed_op.mode)
+                    cfg.model.skeleton, len(run.spec.blocks), count_params(run.state.params), cfg.mixed_op.mode)
     if cfg.final.enabled:
         check_final_resume(cfg, run, data, workdir)
     cli.write_config(workdir, cfg)  # only now: a refused run leaves config.json as it was
