@@ -27,7 +27,7 @@ from asose_jax.errors import CheckpointError, DivergenceError
 from asose_jax.model import NetSpec, build_spec, count_params
 from asose_jax.steps import evaluate, make_steps
 from asose_jax.train_state import PHASES, create_train_state, zero_sums
-from asose_jax.utils import LOG_EVERY, ctrl_c_flag, device_name, write_json, write_jsonl
+from asose_jax.utils import LOG_EVERY, SEARCH_CHECKPOINTS, ctrl_c_flag, device_name, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ class Run:
         self.alpha_history: list[dict] = []
         self._interrupt = None  # set by execute(): Ctrl-C stops at the next step boundary
         self.on_sync: Callable[[int], None] | None = None  # called with state.step at each progress sync
-        self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint.max_to_keep) if cfg.checkpoint.enabled else None
+        self.ckpt = (Checkpointer(self.workdir / SEARCH_CHECKPOINTS, cfg.checkpoint.max_to_keep)
+                     if cfg.checkpoint.enabled else None)
         self.config_hash = resume_hash(cfg)  # what must match to resume (checkpoint.*, data.dir, resume.* excluded)
         self.wall_offset = 0.0
         self._t0 = time.perf_counter()
@@ -279,9 +280,8 @@ class Run:
     def genotype(self) -> dict:
         rows = arch.derive_genotype(self.state.alpha, self.spec.ops, self.cfg.arch.genotype_exclude_none,
                                     self.cfg.arch.max_parameter_free)
-        ops, offsets = [], self.spec.row_offsets()
-        for block, off in zip(self.spec.blocks, offsets):
-            ops.append(rows[off] if block.n_paths == 1 else rows[off:off + block.n_paths])
+        ops = [rows[off] if block.n_paths == 1 else rows[off:off + block.n_paths]
+               for block, off in zip(self.spec.blocks, self.spec.row_offsets())]
         return {"skeleton": self.spec.skeleton, "ops": ops, "op_set": list(self.spec.ops),
                 "blocks": [{"c_in": b.c_in, "c_out": b.c_out, "stride": b.stride} for b in self.spec.blocks],
                 "stem_channels": self.spec.stem_channels, "num_classes": self.spec.num_classes}
