@@ -201,17 +201,6 @@ def make_final_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> FinalS
                       eval_batch=jax.jit(eval_batch), lr=schedule)
 
 
-def evaluate_tta(steps: FinalSteps, params, stats, images, labels, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
-    """Accuracy (%) without and with test-time augmentation over a whole split (device arrays), fixed order."""
-    n = int(images.shape[0])
-    plain = tta = 0
-    for xb, yb, mask in padded_batches(images, labels, batch_size):
-        p, t = steps.eval_batch(params, stats, xb, yb, mask)
-        plain += int(p)
-        tta += int(t)
-    return 100.0 * plain / n, 100.0 * tta / n
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 def run_fingerprint(spec: NetSpec, cfg: Config, n_train: int) -> str:
@@ -244,10 +233,16 @@ class FinalRun:
 
     def accuracy(self, state: FinalState, split: str) -> tuple[float, float]:
         """Accuracy (%) on ``split`` (``val`` or ``test``) without and with test-time augmentation, of the EMA
-        weights when there are any."""
+        weights when there are any: every image, in a fixed order."""
         params = state.ema if self.cfg.final.ema_decay > 0 else state.params
         images, labels = (self.x_val, self.y_val) if split == "val" else (self.x_test, self.y_test)
-        return evaluate_tta(self.steps, params, state.batch_stats, images, labels)
+        plain = tta = 0
+        for xb, yb, mask in padded_batches(images, labels, EVAL_BATCH):
+            p, t = self.steps.eval_batch(params, state.batch_stats, xb, yb, mask)
+            plain += int(p)
+            tta += int(t)
+        n = int(images.shape[0])
+        return 100.0 * plain / n, 100.0 * tta / n
 
 
 def hold_out(x: np.ndarray, y: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, ...]:
