@@ -1,33 +1,15 @@
 """Function-preserving network growth: pure transforms ``(spec, state) -> (spec', state')``.
 
-Every transform returns a new :class:`~asose_jax.model.NetSpec` and a new
-:class:`~asose_jax.train_state.TrainState` whose network computes the *same logits* as before:
+Every transform returns a new NetSpec and TrainState whose network computes the same logits: always in inference
+mode with the ``argmax`` selection (the search's evaluation), and for ``widen``, ``branch`` and ``deepen`` on
+``resnet`` in every mixed-op mode given the same selection of the untouched rows (``deepen`` on ``original``:
+see :func:`deepen`). Stochastic modes draw one Gumbel sample per row from ``split(key, rows)``, so with another
+row count the samples differ.
 
-* always in inference mode (``train=False``, BN running statistics) with the ``argmax`` selection
-  (``mixed_op.select_rows(alpha, 'argmax')``), the evaluation mode of the search;
-* for ``widen`` and ``branch`` in every mixed-op mode given the same selection of the untouched rows,
-  and for ``deepen`` on the ``resnet`` skeleton likewise (the new block is scaled by 0); ``deepen`` on
-  ``original`` is exact only in ``argmax`` mode (its new row has ``skip_connect`` as argmax), and in the
-  training steps that sample ``skip_connect`` there (probability ``skip_prob``, see :func:`deepen`).
-
-(Stochastic training modes draw one Gumbel sample per alpha row from ``split(key, rows)``; with a
-different row count the samples differ, so "every mode" means: for a given selection.)
-
-What is carried over, and how:
-
-* weights and BN running statistics of everything that exists before are kept (``widen`` maps them
-  through its channel map, see :func:`widen`); new weights come from ``model.init_block`` /
-  ``model.init_path``, new BN statistics are the initial ones (mean 0, var 1);
-* alpha rows of unchanged blocks and paths are carried and stay aligned with their blocks;
-* optimizer states: every sub-tree of an optax state shaped like the parameters (SGD ``trace``, Adam
-  ``mu``/``nu``) goes through *the same* transform as the parameters, with zeros for the new leaves
-  (widened weights: their momentum is widened exactly like the weight, replica division included);
-  scalar leaves (the ``count`` of Adam and of the LR schedule) are copied, so the LR schedule position
-  and Adam's bias correction are kept. Any other leaf raises: nothing is reset silently.
-* ``key``, ``step``, ``arch_epochs`` (tau), ``cycle``, ``phase`` and ``sums`` are unchanged.
-
-Transforms never modify their inputs (new dicts/lists/arrays throughout); inputs may be host (numpy)
-or device arrays; outputs are jax arrays in the input dtypes (float32 weights).
+Optimizer states go through the very transform of the parameters (:func:`transfer_opt_state`), so momentum, the
+LR schedule position and Adam's bias correction survive growth and nothing is reset silently. New weights come
+from ``model.init_block`` / ``model.init_path`` with initial BN statistics; ``key``, ``step``, ``arch_epochs``,
+``cycle``, ``phase`` and ``sums`` are unchanged. Inputs are never modified; outputs are jax arrays.
 
 Each kind is one :class:`Growth` in ``GROWTHS``, which ``grow``, ``feasible_kinds``, the config check and the
 policy read: a new kind is one entry there.
@@ -46,8 +28,7 @@ import numpy as np
 
 from asose_jax import mixed_op
 from asose_jax.config import GrowthConfig
-from asose_jax.model import (NetSpec, apply_network, count_params, init_block, init_path, skeleton_block,
-                             uses_path_scale)
+from asose_jax.model import NetSpec, apply_network, count_params, init_block, init_path, skeleton_block
 from asose_jax.ops import DEPTHWISE, FULL, OP_REGISTRY, REDUCE_HIGH, REDUCE_LOW
 
 NEW_ROW_SCALE = 0.1  # new alpha rows ~ NEW_ROW_SCALE * N(0, 1)
@@ -60,25 +41,19 @@ for the parameters themselves, zeros for optimizer moments)."""
 
 # ---------------------------------------------------------------------------------------------- optimizer state
 
-def _leaf_shapes(tree) -> list[tuple[int, ...]]:
-    return [tuple(np.shape(x)) for x in jax.tree.leaves(tree)]
-
-
 def _is_params_like(node, params) -> bool:
     """Whether ``node`` has exactly the tree structure and leaf shapes of ``params``."""
-    return jax.tree.structure(node) == jax.tree.structure(params) and _leaf_shapes(node) == _leaf_shapes(params)
+    return (jax.tree.structure(node) == jax.tree.structure(params)
+            and [np.shape(x) for x in jax.tree.leaves(node)] == [np.shape(x) for x in jax.tree.leaves(params)])
 
 
-def transfer_opt_state(opt_state, old_params, transfer: Transfer, new_parts=None, *, tx=None, new_params=None):
+def transfer_opt_state(opt_state, old_params, transfer: Transfer, new_parts=None):
     """Carry an optax state over a parameter transform.
 
     Walks ``opt_state`` (NamedTuples, tuples, lists, dicts): every sub-tree with the structure and leaf
     shapes of ``old_params`` (SGD ``trace``, Adam ``mu``/``nu``, ...) becomes
     ``transfer(sub_tree, zeros_like(new_parts))`` -- the same map the parameters went through, zeros
     for the new leaves; scalar leaves (``count``) are copied; any other array leaf raises ``ValueError``.
-
-    With ``tx`` (and ``new_params``) the result is checked against ``tx.init(new_params)``: same tree
-    structure and leaf shapes, or ``ValueError``.
     """
     zeros = jax.tree.map(jnp.zeros_like, new_parts)
 
@@ -98,13 +73,7 @@ def transfer_opt_state(opt_state, old_params, transfer: Transfer, new_parts=None
         raise ValueError(f"cannot carry optimizer-state leaf {type(node).__name__} shape {np.shape(node)} "
                          "over the growth transform (not parameter-shaped and not a scalar)")
 
-    out = walk(opt_state)
-    if tx is not None:
-        if new_params is None:
-            raise ValueError("transfer_opt_state: tx given without new_params")
-        if not _is_params_like(out, tx.init(new_params)):
-            raise ValueError("transferred optimizer state does not match tx.init(new_params)")
-    return out
+    return walk(opt_state)
 
 
 def _rows_transfer(row_map: list[int | None]) -> Transfer:
@@ -123,12 +92,10 @@ def _rows_transfer(row_map: list[int | None]) -> Transfer:
     return transfer
 
 
-def _finish(state, spec: NetSpec, params, stats, alpha, w_transfer: Transfer, w_new, a_transfer: Transfer, a_new):
+def _finish(state, params, stats, alpha, w_transfer: Transfer, w_new, a_transfer: Transfer, a_new):
     """The new TrainState: weights/alpha already transformed; optimizer states carried."""
     w_opt = transfer_opt_state(state.w_opt, state.params, w_transfer, w_new)
     a_opt = transfer_opt_state(state.a_opt, state.alpha, a_transfer, a_new)
-    if alpha.shape != (spec.num_rows, len(spec.ops)):
-        raise AssertionError(f"alpha {alpha.shape} does not match the spec ({spec.num_rows}, {len(spec.ops)})")
     return state.replace(params=params, batch_stats=stats, alpha=alpha, w_opt=w_opt, a_opt=a_opt)
 
 
@@ -146,7 +113,6 @@ class Stage:
     ``producer``: -1 for the stem, else the block whose input conv creates the width; ``blocks``: the
     blocks whose mixed ops run at this width (the producer block included); ``consumer``: the block
     whose input conv reads the stage output, or None for the head."""
-    index: int
     producer: int
     blocks: tuple[int, ...]
     channels: int
@@ -158,13 +124,13 @@ def stages(spec: NetSpec) -> list[Stage]:
     producer, members, c = -1, [], spec.stem_channels
     for i, b in enumerate(spec.blocks):
         if b.input_conv:
-            out.append(Stage(len(out), producer, tuple(members), c, i))
+            out.append(Stage(producer, tuple(members), c, i))
             producer, members, c = i, [i], b.c_out
         else:
             if b.c_in != c or b.c_out != c:
                 raise ValueError(f"block {i} has no input conv but maps {b.c_in} -> {b.c_out} channels (stage width {c})")
             members.append(i)
-    out.append(Stage(len(out), producer, tuple(members), c, None))
+    out.append(Stage(producer, tuple(members), c, None))
     return out
 
 
@@ -233,7 +199,7 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array,
     params = w_transfer(state.params, bp)
     stats = w_transfer(state.batch_stats, bs)
     alpha = a_transfer(state.alpha, new_row[None])
-    return new_spec, _finish(state, new_spec, params, stats, alpha, w_transfer, bp, a_transfer, new_row[None])
+    return new_spec, _finish(state, params, stats, alpha, w_transfer, bp, a_transfer, new_row[None])
 
 
 # ---------------------------------------------------------------------------------------------- widen
@@ -395,7 +361,7 @@ def widen(spec: NetSpec, state, stage: int, factor: float, key: jax.Array):
     params = w_transfer(state.params)
     stats = stage_transfer(state.batch_stats, wd.stats, wd.stats, params=False)
     alpha = a_transfer(state.alpha, None)
-    return new_spec, _finish(state, new_spec, params, stats, alpha, w_transfer, None, a_transfer, None)
+    return new_spec, _finish(state, params, stats, alpha, w_transfer, None, a_transfer, None)
 
 
 # ---------------------------------------------------------------------------------------------- branch
@@ -420,11 +386,9 @@ def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
     new_spec = dataclasses.replace(spec, blocks=spec.blocks[:block_index] + (new_block,) + spec.blocks[block_index + 1:])
     k_p, k_a = jax.random.split(key)
     pp, ps = init_path(k_p, spec.ops, b.c_out, b.op_stride)
+    # model.init_block gives a block path_scale exactly when uses_path_scale: without one it has a single path
     had_scale = "path_scale" in state.params["blocks"][block_index]
-    if not had_scale and b.n_paths != 1:
-        raise ValueError(f"block {block_index} has {b.n_paths} paths but no path_scale")
     scale_new = jnp.zeros((1,), jnp.float32) if had_scale else jnp.array([1.0, 0.0], jnp.float32)
-    assert uses_path_scale(new_block)
     new_parts = {"path": pp, "path_scale": scale_new}
 
     def w_transfer(tree, parts):
@@ -448,7 +412,7 @@ def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
     new_row = NEW_ROW_SCALE * jax.random.normal(k_a, (1, len(spec.ops)), jnp.float32)
     params = w_transfer(state.params, new_parts)
     alpha = a_transfer(state.alpha, new_row)
-    return new_spec, _finish(state, new_spec, params, stats, alpha, w_transfer, new_parts, a_transfer, new_row)
+    return new_spec, _finish(state, params, stats, alpha, w_transfer, new_parts, a_transfer, new_row)
 
 
 # ---------------------------------------------------------------------------------------------- checks
