@@ -1,22 +1,13 @@
 """What each op costs in each row of a supernet, and the differentiable expected cost of alpha.
 
-A cost table is a float array ``[rows, num_ops]``: entry ``[r, o]`` is the cost of op ``o`` at the shape of
-alpha row ``r`` (its channels, its op stride and the spatial size of its input). Two sources:
+A cost table is ``[rows, num_ops]``: the cost of op ``o`` at the input shape of alpha row ``r``, from XLA's flop
+count (``flops``, on any machine) or from a latency table measured on the target GPU by ``scripts/bench_ops.py
+--latency-out`` (``latency:PATH``: forward + backward in ms, e.g. ``docs/results/latency_h100.json``).
 
-* ``flops``: XLA's cost analysis of the op's forward pass at batch 1 in inference mode, on any machine;
-* ``latency:PATH``: the per-op, per-shape latency JSON that ``scripts/bench_ops.py --latency-out PATH`` writes
-  on the target GPU (forward + backward of the op at the bench's batch size, in ms; the committed example
-  is ``docs/results/latency_h100.json``).
-
-The cost-aware arch loss is ``CE + lambda * expected_cost(alpha, table)`` with
-``expected_cost = sum_r softmax(alpha_r) . table_r``, as FBNet and ProxylessNAS add the expected latency of
-the sampled network (``lambda`` is ``arch.cost_weight``, the source ``arch.cost``; both step engines add
-it, see :func:`search_cost_table`). :func:`arch_cost_table` normalises the table by the mean over ops of the
-whole-net cost ``mean_o sum_r table[r, o]``, so the expected cost is 1 at uniform alpha whatever the unit or
-the network size, and ``lambda`` weighs a whole network's relative cost against the cross-entropy.
-
-:func:`network_cost` gives the flops per image and the weights of a genotype's final (fixed-op) network, for
-the records of ``asose_jax.study``.
+The cost-aware arch loss is ``CE + lambda * expected_cost(alpha, table)`` (``lambda``: ``arch.cost_weight``), as
+FBNet and ProxylessNAS add the expected latency of the sampled network. The table is normalised so that the
+expected cost is 1 at uniform alpha whatever the unit or the network size: ``lambda`` weighs a whole network's
+relative cost against the cross-entropy.
 """
 from __future__ import annotations
 
@@ -54,12 +45,12 @@ def _downsampled(height: int, stride: int) -> int:
     return -(-height // stride)
 
 
-def row_shapes(spec: NetSpec, image_size: int = IMAGE_SIZE) -> tuple[RowShape, ...]:
+def row_shapes(spec: NetSpec) -> tuple[RowShape, ...]:
     """The input shape of every alpha row, block by block and path by path (the order of alpha's rows).
 
     A block's input conv (if any) runs at the block stride; its ops then run at ``op_stride`` on that
     output (``original`` applies the stride twice, ``resnet`` once)."""
-    shapes, h = [], image_size
+    shapes, h = [], IMAGE_SIZE
     for block in spec.blocks:
         h_in = _downsampled(h, block.stride) if block.input_conv else h
         shapes += [RowShape(block.c_out, h_in, block.op_stride)] * block.n_paths
@@ -84,17 +75,16 @@ def op_flops(op: str, shape: RowShape) -> float:
     return forward_flops(lambda p, s, v: opdef.apply(p, s, v, shape.stride, False)[0], params, stats, x)
 
 
-def flops_table(spec: NetSpec, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def flops_table(spec: NetSpec) -> np.ndarray:
     """``[rows, ops]`` forward flops per image of each op at each row's shape (cached by shape)."""
-    return np.array([[op_flops(op, shape) for op in spec.ops] for shape in row_shapes(spec, image_size)],
-                    np.float64)
+    return np.array([[op_flops(op, shape) for op in spec.ops] for shape in row_shapes(spec)], np.float64)
 
 
-def network_cost(spec: NetSpec, image_size: int = IMAGE_SIZE) -> tuple[float, int]:
+def network_cost(spec: NetSpec) -> tuple[float, int]:
     """``(flops per image, weights)`` of the fixed-op network ``spec`` (a genotype's final network): XLA's
     count of one inference-mode forward pass at batch 1, stem and head included. Nothing is allocated."""
     params, stats = jax.eval_shape(lambda k: init_network(k, spec), jax.random.PRNGKey(0))
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, spec.in_channels), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, spec.in_channels), jnp.float32)
     flops = forward_flops(lambda p, s, v: apply_network(spec, p, s, v, None, "fixed", False)[0], params, stats, x)
     return flops, count_params(params)
 
@@ -124,11 +114,11 @@ def load_latency(path: str | Path) -> dict[tuple, float]:
     return table
 
 
-def latency_table(spec: NetSpec, path: str | Path, precision: str, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def latency_table(spec: NetSpec, path: str | Path, precision: str) -> np.ndarray:
     """``[rows, ops]`` measured ms of each op at each row's shape; a shape the table lacks is a ConfigError."""
     measured = load_latency(path)
     rows = []
-    for r, shape in enumerate(row_shapes(spec, image_size)):
+    for r, shape in enumerate(row_shapes(spec)):
         row = []
         for op in spec.ops:
             key = latency_key(op, shape, precision)
@@ -144,12 +134,12 @@ def latency_table(spec: NetSpec, path: str | Path, precision: str, image_size: i
 
 # ---------------------------------------------------------------------------------------------- the arch-loss term
 
-def cost_table(spec: NetSpec, source: str, precision: str = "fp32", image_size: int = IMAGE_SIZE) -> np.ndarray:
+def cost_table(spec: NetSpec, source: str, precision: str = "fp32") -> np.ndarray:
     """The raw ``[rows, ops]`` table of ``source``: ``flops`` or ``latency:PATH`` (see the module docstring)."""
     if source == "flops":
-        return flops_table(spec, image_size)
+        return flops_table(spec)
     if source.startswith("latency:") and source[len("latency:"):]:
-        return latency_table(spec, source[len("latency:"):], precision, image_size)
+        return latency_table(spec, source[len("latency:"):], precision)
     raise ConfigError(f"arch.cost={source!r} is out of range: allowed flops | latency:PATH")
 
 
