@@ -1,34 +1,19 @@
 """A faithful PyTorch reimplementation of the ORIGINAL ASO-SE network (WenyinWei/neuroexapt,
 ``OptimizedASOSENetwork`` + ``FastMixedOp`` at ``a11ee53^``), for side-by-side speed and correctness runs.
 
-See ``/work/shared/reference/original_asose_spec.md`` sections 1, 2a, 2b, 3 and 10. What is reproduced:
+It follows ``/work/shared/reference/original_asose_spec.md`` sections 1, 2a, 2b, 3 and 10: the network (stem,
+blocks with the original's double downsampling, no residual; C0=32, L=4: 937,258 weights + 40 alpha), the 10
+PRIMITIVES (BN ``affine=False``, bias-free convs, PyTorch's default init), alpha ``0.1 * randn``, the hard Gumbel
+straight-through sample (spec 4; tau from 5.0, ``anneal_tau``) and the training steps: SGD on the weights with
+alpha frozen, Adam (L2, not AdamW) on alpha with the weights frozen (BN running stats still update), the
+original's soft gradient clip, and ``zero_grad(set_to_none=True)`` as in torch >= 2.0, so the ops that were not
+run in a step get no momentum / weight-decay update. Each op's sub-modules carry the keys of our JAX pytrees
+(``asose_jax.ops``), which :func:`load_from_jax` relies on.
 
-* Network (spec 2b): stem 3x3 conv (3 -> C0, pad 1, no bias) + BN(affine) + ReLU; ``layers`` blocks, block
-  ``i`` has stride 2 iff ``i in {L//3, 2L//3}`` and then doubles the channels; a block's ``input_conv``
-  (1x1 conv at stride s, no bias, BN affine, ReLU) exists iff C_in != C_out or s != 1, and the mixed op
-  then runs at stride s *as well* (the original's double downsampling: 32x32 -> 32, 8, 2, 2 for L=4);
-  no residual; global average pool; Linear(C -> classes). C0=32, L=4: 937,258 weights + 40 alpha.
-* The 10 PRIMITIVES of spec 2a, all BN ``affine=False`` (momentum 0.1, eps 1e-5), all convs bias-free,
-  default PyTorch init. Each op's sub-modules carry the same names as the keys of our JAX pytrees
-  (``asose_jax.ops``), which is what :func:`load_from_jax` relies on.
-* alpha: one ``nn.Parameter`` ``[L, 10]``, ``0.1 * randn`` (the original's ``BatchedArchitectureUpdate``).
-* Gumbel (spec 4): noise ``-log(-log(U + 1e-8) + 1e-8)``, ``softmax((alpha + g) / tau)``, hard one-hot of
-  the argmax with the straight-through estimator; tau starts at 5.0 (``model.tau``), ``anneal_tau()``
-  does ``tau <- max(0.1, 0.98 tau)``.
-* Training steps (spec 1): SGD(lr 0.025, momentum 0.9, wd 1e-4) on the weights with alpha frozen; Adam
-  (lr 3e-4, wd 1e-3, L2 not AdamW) on alpha with the weights frozen (BN running stats still update); the
-  original's *soft* gradient clip (:func:`soft_clip_`); plain cross-entropy. ``zero_grad(set_to_none=True)``
-  as in torch >= 2.0, so the ops that were not run in a step get no momentum / weight-decay update.
-
-``TorchASOSE.mode`` selects the mixed-op behaviour:
-
-* ``"allops"``: every op of every layer is computed and blended with ``softmax(alpha / tau)`` (tau = 1
-  unless passed to ``forward``): the "original MixedOp" of the design doc, the all-ops reference.
-* ``"single"`` (what the original trains with, in every phase): one hard Gumbel straight-through sample
-  per layer per step, shared by the whole batch; only that op is computed (a Python-side index, as the
-  original: one host sync per forward for the whole ``[L]`` index vector). In eval mode (``model.eval()``)
-  it runs the argmax op, as the original did.
-* ``"argmax"``: the argmax(alpha) op of each layer only, coefficient 1 (inference).
+``TorchASOSE.mode``: ``"allops"`` blends every op with ``softmax(alpha / tau)`` (tau = 1 unless passed to
+``forward``), the all-ops reference; ``"single"`` (what the original trains with, in every phase) runs one hard
+Gumbel straight-through sample per layer per step, shared by the batch (a Python-side index: one host sync per
+forward, as the original), and the argmax op in eval mode; ``"argmax"`` runs the argmax op, coefficient 1.
 
 Deliberate deviations from the original, all documented in the spec:
 
@@ -49,6 +34,7 @@ torch is an optional dependency (the ``torch`` extra); nothing else in ``asose_j
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Iterable, Sequence
 
@@ -193,14 +179,14 @@ class Block(nn.Module):
     """``OptimizedEvolvableBlock``: optional input conv (1x1 stride s, BN affine, ReLU), then the mixed op at
     stride s; the output is the mixed-op output (no residual)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, primitives: Sequence[str] = PRIMITIVES):
+    def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         if c_in != c_out or stride != 1:
             self.input_conv = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
                                             _bn(c_out, affine=True), nn.ReLU(inplace=False))
         else:
             self.input_conv = nn.Identity()
-        self.ops = nn.ModuleDict({name: OPS[name](c_out, stride) for name in primitives})
+        self.ops = nn.ModuleDict({name: OPS[name](c_out, stride) for name in PRIMITIVES})
         self._op_list = list(self.ops.values())  # positional access without dict lookups
 
     def forward_allops(self, x, w):
@@ -228,7 +214,6 @@ class TorchASOSE(nn.Module):
         self.renormalize = False  # True: the original's w / (w + 1e-8) (zero alpha gradient)
         self.profile_syncs = False  # True: the original's profile_op CUDA syncs
         self.profile_stats = {"calls": 0, "seconds": 0.0, "mem": 0}
-        self.primitives = PRIMITIVES
         self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), _bn(C, affine=True),
                                   nn.ReLU(inplace=False))
         down = {layers // 3, (2 * layers) // 3}
@@ -329,36 +314,28 @@ def soft_clip_(params: Iterable[torch.Tensor], max_norm: float = 5.0, factor: fl
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     scale = torch.where(total > max_norm, (max_norm + factor * (total - max_norm)) / (total + 1e-8),
                         torch.ones_like(total))
-    if hasattr(torch, "_foreach_mul_"):
-        torch._foreach_mul_(grads, scale)
-    else:  # pragma: no cover
-        for g in grads:
-            g.mul_(scale)
+    torch._foreach_mul_(grads, scale)
     return total
 
 
-class _Frozen:
-    """Context: ``requires_grad=False`` on the given parameters, restored afterwards."""
-
-    def __init__(self, params: Sequence[nn.Parameter]):
-        self.params = list(params)
-
-    def __enter__(self):
-        self.prev = [p.requires_grad for p in self.params]
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p, r in zip(self.params, self.prev):
+@contextlib.contextmanager
+def _frozen(params: Sequence[nn.Parameter]):
+    """``requires_grad=False`` on ``params`` while active, restored afterwards."""
+    prev = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(params, prev):
             p.requires_grad_(r)
-        return False
 
 
 def weight_step(model: TorchASOSE, opt_w: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One weight step (alpha frozen): train-mode forward, CE, backward, soft clip, SGD. Returns the loss
     (detached; no host sync)."""
     model.train()
-    with _Frozen([model.alpha]):
+    with _frozen([model.alpha]):
         opt_w.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -371,7 +348,7 @@ def arch_step(model: TorchASOSE, opt_a: torch.optim.Optimizer, x: torch.Tensor, 
     """One alpha step (weights frozen; BN running stats still update, as the original's train mode):
     forward, CE, backward, soft clip, Adam. Returns the loss (detached; no host sync)."""
     model.train()
-    with _Frozen(model.weight_parameters()):
+    with _frozen(model.weight_parameters()):
         opt_a.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
