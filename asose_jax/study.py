@@ -3,36 +3,18 @@
     python -m asose_jax.study --config configs/cifar10_95.py --seeds 0,1,2 \\
         --baselines random:3,uniform:sep_conv_3x3 --workdir runs/study
 
-Every network trains under the config's final recipe (``final.*``; ``final.enabled=False`` is overridden):
+Every network trains under the config's final recipe (``final.*``, on even where ``final.enabled=False``) with
+the seed of a searched network and on its blocks (depth, widths, branches), so that a baseline differs from it in
+op choice alone: ``searched`` (the search's genotype), ``random:N`` (N draws, :func:`random_ops`) and
+``uniform:OP`` (OP on every path). A lambda sweep, ``--set arch.cost_weight=0,0.1,0.3`` (a comma list for this key
+only), runs the searches once per lambda; the baselines use the first lambda's blocks. The README's "Study"
+section describes the outputs.
 
-* ``searched``: for each seed, a search in ``<workdir>/search_s<seed>`` (its final training off), then the
-  final training of its genotype in ``<workdir>/nets/searched_s<seed>``, both with ``seed=<seed>``.
-* ``random:N``: N genotypes. Genotype ``j`` draws each path's op uniformly, from a generator seeded by ``j``,
-  among the ops a searched genotype may hold (the op set, less ``none`` under ``arch.genotype_exclude_none``,
-  with at most ``arch.max_parameter_free`` parameter-free ops), on the blocks of the searched network of seed
-  ``seeds[j % len(seeds)]``, and trains with that seed. The same blocks (depth, widths, branches) as a
-  searched network make the comparison one of op choice alone; ``random:<number of seeds>`` pairs each
-  searched network with one random network.
-* ``uniform:OP``: OP on every path, on the blocks of each seed's searched network, trained with that seed.
-
-The cost-aware search's weight can be swept: ``--set arch.cost_weight=0,0.1,0.3`` (a comma list for this key
-only) runs the searched networks once per lambda, in ``search_l<lambda>_s<seed>`` and
-``nets/searched_l<lambda>_s<seed>``, grouped as ``searched λ=<lambda>``; the baselines train once, on the blocks
-of the first lambda's searches.
-
-Outputs in the workdir: ``study.json`` (one record per trained network: config hash, kind, seed, the search's
-cost weight, search and final wall time, test and val accuracy plain and with TTA, weights, flops per image,
-final-training img/s, device, commit), ``study.md`` (mean ± std per kind, each kind's difference from the
-first searched group with its standard error next to its cost difference, the networks) and ``study.png``
-(accuracy against flops per image and against final-training time, the searched groups of a sweep joined in
-lambda order: the accuracy-cost frontier). The accuracy is the val accuracy (``final.val_size``'s held-out
-split, what decisions such as the choice of lambda may read) when every network has one, else the test
-accuracy (a reporting study, ``final.val_size=0``).
-
-Re-running the same command resumes: a search or final training picks up from its own checkpoints, and a
-network whose ``record.json`` exists (written atomically once it is done) is not trained again, so a kill -9
-costs only the unfinished network's work since its last checkpoint. Exit codes and errors: see
-:mod:`asose_jax.cli`; an unknown baseline, an empty seed list or a config without ``final`` exit 2.
+In the workdir: ``search[_l<lambda>]_s<seed>/`` (each search), ``nets/<name>/`` (each final training, its
+``record.json`` written atomically once it is done) and ``study.json`` / ``study.md`` / ``study.png``, rewritten
+after each network. Re-running the same command resumes: a search or final training from its own checkpoints,
+and a network with a ``record.json`` is not trained again, so a kill -9 costs only the unfinished network's work
+since its last checkpoint.
 """
 from __future__ import annotations
 
@@ -50,36 +32,18 @@ import numpy as np
 from asose_jax import cli
 from asose_jax import config as config_lib
 from asose_jax.config import Config, FinalConfig
+from asose_jax.cost import check_search_cost, network_cost
+from asose_jax.data import load_dataset
 from asose_jax.errors import ConfigError, UsageError
+from asose_jax.final import train_final
+from asose_jax.genotype import genotype_spec
 from asose_jax.ops import OP_REGISTRY
+from asose_jax.search import run_search
 from asose_jax.utils import write_json
 
 logger = logging.getLogger("asose_jax")
 TIMING_FIELDS = ("search_wall_s", "final_wall_s", "img_per_s")  # the fields that differ between equal runs
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------------------------------- entry points
-# The one place that names the modules a study drives: the search, the final training, the genotype's network.
-
-def search_network(cfg: Config, workdir: Path, progress: bool) -> dict:
-    """Run (or resume) the search of ``cfg`` in ``workdir``; its result dict (``wall_s``, accuracies)."""
-    from asose_jax.search import run_search
-    return run_search(cfg, workdir, progress)
-
-
-def train_network(cfg: Config, genotype: dict, workdir: Path, progress: bool) -> dict:
-    """Train (or resume) the final network of ``genotype`` in ``workdir``; the ``final.json`` dict."""
-    from asose_jax.data import load_dataset
-    from asose_jax.final import train_final
-    return train_final(cfg, genotype, load_dataset(cfg.data, cfg.seed), workdir, progress)
-
-
-def final_network_cost(cfg: Config, genotype: dict) -> float:
-    """Flops per image of the final network of ``genotype`` (``final.skeleton``, ``final.width``)."""
-    from asose_jax.cost import network_cost
-    from asose_jax.genotype import genotype_spec
-    return network_cost(genotype_spec(genotype, cfg.final.skeleton, cfg.final.width))[0]
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -187,10 +151,6 @@ def with_ops(genotype: dict, ops: list[str]) -> dict:
     return {**genotype, "ops": rows}
 
 
-def genotype_rows(genotype: dict) -> int:
-    return sum(len(row) if isinstance(row, list) else 1 for row in genotype["ops"])
-
-
 def random_ops(op_set: tuple[str, ...], arch_cfg, rows: int, draw: int) -> list[str]:
     """``rows`` ops drawn uniformly from those a searched genotype may hold, then, past the cap
     ``arch.max_parameter_free``, the later parameter-free picks drawn again among the parametric ops."""
@@ -209,7 +169,7 @@ def network_genotype(net: Network, searched: dict, cfg: Config) -> dict:
     """The genotype ``net`` trains: the searched one of its seed, or its ops on that one's blocks."""
     if net.kind == "searched":
         return searched
-    rows = genotype_rows(searched)
+    rows = sum(len(row) if isinstance(row, list) else 1 for row in searched["ops"])
     ops = [net.op] * rows if net.kind == "uniform" else random_ops(cfg.model.ops, cfg.arch, rows, net.draw)
     return with_ops(searched, ops)
 
@@ -228,7 +188,6 @@ def study_config(cfg: Config) -> Config:
 def check_cost_weights(cfg: Config, cost_weights: tuple[float, ...] | None) -> None:
     """Check each lambda of a sweep, and build the cost table of each cost-aware search's starting network:
     a bad weight or a latency table lacking a shape stops the study before its first search."""
-    from asose_jax.cost import check_search_cost
     for w in cost_weights or (None,):
         check_search_cost(with_cost_weight(cfg, w))
 
@@ -253,7 +212,7 @@ def run_searches(cfg: Config, workdir: Path, seeds: tuple[int, ...], cost_weight
                 scfg = replace(with_cost_weight(cfg, w), seed=seed, final=replace(cfg.final, enabled=False))
                 cli.check_workdir(sdir, scfg)
                 logger.info("study: search of seed %d%s in %s", seed, "" if w is None else f", λ={w:g}", sdir)
-                result = search_network(scfg, sdir, progress)
+                result = run_search(scfg, sdir, progress)
                 genotype = json.loads((sdir / "genotype.json").read_text())
                 write_json(done, {"genotype": genotype, "wall_s": result["wall_s"]})
             out[(w, seed)] = json.loads(done.read_text())
@@ -265,7 +224,8 @@ def train_record(cfg: Config, net: Network, genotype: dict, search: dict | None,
     ncfg = replace(cfg, seed=net.seed)
     cli.check_workdir(ndir, ncfg)
     cli.write_config(ndir, ncfg)
-    final = train_network(ncfg, genotype, ndir, progress)
+    final = train_final(ncfg, genotype, load_dataset(ncfg.data, ncfg.seed), ndir, progress)
+    flops = network_cost(genotype_spec(genotype, cfg.final.skeleton, cfg.final.width))[0]
     cost_weight = (cfg.arch.cost_weight if net.cost_weight is None else net.cost_weight) if search else None
     return {"name": net.name, "kind": net.kind, "group": net.group, "seed": net.seed, "draw": net.draw,
             "op": net.op, "cost_weight": cost_weight, "config_hash": config_lib.config_hash(cfg),
@@ -273,7 +233,7 @@ def train_record(cfg: Config, net: Network, genotype: dict, search: dict | None,
             "test_acc": final["test_acc"], "test_acc_tta": final["test_acc_tta"], "tta": final.get("tta"),
             "val_acc": final.get("val_acc"), "val_acc_tta": final.get("val_acc_tta"), "val_size": final.get("val_size"),
             "epochs": final["epochs"], "params": final["params"],
-            "flops_per_image": final_network_cost(ncfg, genotype), "img_per_s": training_throughput(ndir),
+            "flops_per_image": flops, "img_per_s": training_throughput(ndir),
             "device": final["device"], "commit": git_commit(), "genotype": genotype}
 
 
