@@ -1,27 +1,14 @@
 """``python -m asose_jax.final``: train the final network of a genotype on the 50k training images.
 
-The final network is the supernet's :class:`~asose_jax.model.NetSpec` with one fixed op per path (the genotype's
-op; :func:`asose_jax.genotype.genotype_spec`), built and run by the same ``model`` functions in the mixed op's
-``fixed`` mode: no switch, and no weights for unused ops. ``final.skeleton`` picks the block rules (see
-``asose_jax.model``); with ``final.width > 0`` the stem gets ``width`` channels and each stride-2 block doubles
-them (searched widths from widen growth are then not used). Every path's residual scale starts at
-``final.path_scale_init``.
+The final network is the supernet's :class:`~asose_jax.model.NetSpec` with one fixed op per path
+(:func:`asose_jax.genotype.genotype_spec`), built and run by the same ``model`` functions in the mixed op's
+``fixed`` mode: no switch, and no weights for unused ops.
 
-Recipe: SGD (Nesterov) with L2 weight decay on conv / linear weights only (not BN affine parameters,
-path scales or biases), linear warm-up then cosine (or linear) decay to 0 stepped per step, label
-smoothing, random crop + flip (+ optional cutout) on device, optional EMA of the weights (evaluated with
-the live model's BN statistics), bf16 compute with fp32 master weights when ``precision=bf16``. Data is
-the ``train`` and ``arch_val`` splits concatenated (uint8 on device). ``final.val_size=N`` holds N of them
-out (a permutation seeded by ``seed``; :func:`hold_out`): the network trains on the rest, and the held-out
-split gives ``val_acc`` at the end and, with ``final.eval_every=E``, every E epochs (the curve). Recipe
-decisions read only these. ``final.val_size=0`` is the reporting run: all images train and no curve is
-measured. Either way the test split is read once, at the end, without and with test-time augmentation
-(``final.tta``, see :func:`tta_logits`); nothing depends on it.
-
-Outputs in the workdir: ``final_metrics.jsonl`` (one ``final_epoch`` row per epoch), ``final.json``,
-``final_checkpoints/`` (one per epoch, through :class:`~asose_jax.checkpoint.Checkpointer`; a re-run resumes
-from the newest that restores) and, from the CLI, ``final_summary.md``. Exit codes and errors: see
-:mod:`asose_jax.cli`.
+Recipe: SGD (Nesterov) with L2 on conv / linear weights only, warm-up then cosine (or linear) decay stepped per
+step, label smoothing, random crop + flip (+ cutout) on device, an optional EMA of the weights (evaluated with
+the live model's BN statistics), bf16 compute with fp32 master weights under ``precision=bf16``. Recipe decisions
+read only the ``final.val_size`` images held out of train + arch_val (:func:`hold_out`); ``final.val_size=0`` is
+the reporting run, on all of them. The test split is read once, at the end, and nothing depends on it.
 
 Test hook: with ``ASOSE_STOP_AFTER_EPOCH=n`` in the environment, training raises KeyboardInterrupt right
 after the checkpoint of epoch ``n`` is written (used by the resume test; the CLI then exits 130).
