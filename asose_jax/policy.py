@@ -1,15 +1,7 @@
-"""When to grow and how: the original's policy, driven by arch-val accuracy (never test) and the run's
-seeded key, so a run is reproducible.
-
-* forced: ``growth.every`` cycles since the last growth (the first at cycle ``every``);
-* stagnation: the last ``stagnation_cycles`` cycle-end arch-val accuracies span < ``stagnation_range``
-  points, and at least 2 cycles since the last growth.
-
-Strategy ``original``: a uniform draw from a list that depends on accuracy (< 50 %: 3x deepen while
-depth < 8, 2x widen; < 80 %: 2x deepen while depth < 12, 2x widen; else 3x widen, 1x deepen while
-depth < 15) and one entry for every other enabled kind (``branch``, or any kind added to ``growth.GROWTHS``).
-Strategy ``cycle``: the enabled kinds in turn (tests and demos). Either picks only kinds the network can take
-now (``growth.feasible_kinds``: e.g. no deepen at or above ``depth_param_cap`` weights).
+"""When to grow and how: the original's policy, driven by arch-val accuracy (never test) and the run's seeded key,
+so a run is reproducible. Strategy ``original`` draws from the original's accuracy-dependent list
+(:func:`candidates`), ``cycle`` takes the enabled kinds in turn (tests and demos); either picks only kinds the
+network can take now (``growth.feasible_kinds``: e.g. no deepen at or above ``depth_param_cap`` weights).
 """
 from __future__ import annotations
 
@@ -20,6 +12,8 @@ from asose_jax.model import NetSpec
 
 
 def should_grow(cfg: Config, cycle: int, accs: list[float], last_growth_cycle: int) -> bool:
+    """Forced ``growth.every`` cycles since the last growth (the first at cycle ``every``), or on stagnation: the
+    last ``stagnation_cycles`` arch-val accuracies span < ``stagnation_range`` points, 2 or more cycles since."""
     g = cfg.growth
     since = cycle - last_growth_cycle if last_growth_cycle else cycle
     if g.every and since >= g.every:
