@@ -176,14 +176,20 @@ def unlock_workdir(workdir: Path, fd: int) -> None:
 
 
 @contextlib.contextmanager
-def open_workdir(workdir: Path, cfg: Config) -> Iterator[None]:
+def open_workdir(workdir: Path, cfg: Config, lock: bool = True) -> Iterator[None]:
     """The workdir of one command while it runs: created, locked (:func:`lock_workdir`), its config checked
     (:func:`check_config_change`).
 
     A handled failure (bad input, NaN/Inf) in a workdir that this call created, before any checkpoint, leaves
     nothing behind: the directory goes again, so the corrected command starts clean. The lock is released on
-    the way out.
+    the way out. Without ``lock`` (the processes other than 0 of a many-process run, which share process 0's
+    workdir and lock) the workdir is only created and checked: the lock and the clean-up are process 0's.
     """
+    if not lock:
+        make_workdir(workdir)
+        check_config_change(workdir, cfg)
+        yield
+        return
     created = not workdir.exists()
     make_workdir(workdir)
     try:

@@ -168,6 +168,19 @@ class ResumeConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Where the search runs: data parallel over a mesh of devices, on one process or many (asose_jax.parallel).
+
+    Not part of what a run is: the config hash leaves it out, so a run saved on N devices resumes on M."""
+    devices: str = "auto"  # auto (every device of every process) | N (the first N devices)
+    axis: str = "data"  # the mesh axis the batch is split over
+    coordinator: str = ""  # host:port of process 0 for many processes; "" = ASOSE_JAX_COORDINATOR, or Slurm/Open MPI
+    num_processes: int = 0  # with coordinator; 0 = ASOSE_JAX_NUM_PROCESSES
+    process_id: int = -1  # with coordinator, 0..num_processes-1; -1 = ASOSE_JAX_PROCESS_ID
+    timeout_s: int = 300  # how long a process waits for the coordinator and the others before giving up
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and BN statistics)
@@ -182,6 +195,7 @@ class Config:
     final: FinalConfig = field(default_factory=FinalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -303,8 +317,12 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the string options with a fixed set o
 FREE_TEXT = {  # the other string options (op, mode and growth names: see asose_jax.cli.registered_names)
     "data.dir": 'a cifar-10-batches-py directory or its parent; "" = none (only with data.source auto | dir)',
     "arch.cost": "flops | latency:PATH (a table from scripts/bench_ops.py --latency-out)",
+    "parallel.devices": "auto | N, a device count from 1",
+    "parallel.axis": "a mesh axis name",
+    "parallel.coordinator": 'host:port of process 0; "" = ASOSE_JAX_COORDINATOR or a detected Slurm / Open MPI job',
 }
 EPOCHS, CYCLES = 10_000, 1_000  # upper bounds on counts of epochs and cycles: far past any real run
+MAX_PROCESSES = 100_000  # upper bound on parallel.num_processes
 
 
 def ranges(cfg: Config) -> dict[str, Range]:
@@ -352,6 +370,9 @@ def ranges(cfg: Config) -> dict[str, Range]:
         "final.val_size": Range(0, 49_999, note="0 = the reporting run"),
         "checkpoint.every_steps": Range(0, 10**9, note="0 = at phase ends only"),
         "checkpoint.max_to_keep": Range(1, 1000),
+        "parallel.num_processes": Range(0, MAX_PROCESSES, note="0 = ASOSE_JAX_NUM_PROCESSES or 1"),
+        "parallel.process_id": Range(-1, MAX_PROCESSES - 1, note="-1 = ASOSE_JAX_PROCESS_ID"),
+        "parallel.timeout_s": Range(1, 3600),
     }
 
 
@@ -387,6 +408,10 @@ def _validate_relations(cfg: Config) -> None:
                           f"directory: drop it, or set data.source=dir")
     if cfg.final.enabled:  # else the final training (asose_jax.final) checks it against its data
         check_final_val_size(cfg.final, final_train_images(d))
+    devices = str(cfg.parallel.devices)  # a config file may give an int
+    check(devices == "auto" or (devices.isdigit() and int(devices) >= 1), "parallel.devices",
+          FREE_TEXT["parallel.devices"], cfg.parallel.devices)
+    check(cfg.parallel.axis.isidentifier(), "parallel.axis", FREE_TEXT["parallel.axis"], cfg.parallel.axis)
 
 
 def leaves(cfg: Config, prefix: str = "") -> list[tuple[str, Any]]:
@@ -437,8 +462,9 @@ def to_dict(cfg: Config) -> dict:
 
 
 def config_hash(cfg: Config) -> str:
-    """sha256 of the JSON config less its ``resume`` section (how to resume is not what the run is)."""
-    d = {k: v for k, v in to_dict(cfg).items() if k != "resume"}
+    """sha256 of the JSON config less its ``resume`` and ``parallel`` sections (how to resume, and on which
+    devices, is not what the run is: the results differ across device counts by float reduction order only)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "parallel")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

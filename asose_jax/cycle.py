@@ -25,6 +25,7 @@ from asose_jax.config import Config
 from asose_jax.data import Dataset, epoch_permutation, normalize
 from asose_jax.errors import CheckpointError, DivergenceError
 from asose_jax.model import NetSpec, build_spec, count_params
+from asose_jax.parallel import Placement, is_main_process, make_placement, place, place_dataset
 from asose_jax.steps import evaluate, make_steps
 from asose_jax.train_state import PHASES, create_train_state, zero_sums
 from asose_jax.utils import LOG_EVERY, SEARCH_CHECKPOINTS, ctrl_c_flag, device_name, write_json, write_jsonl
@@ -63,17 +64,24 @@ def plan(cfg: Config) -> list[Task]:
 
 
 class Run:
-    """One search run in a workdir: state, spec, compiled steps, metrics, checkpoints."""
+    """One search run in a workdir: state, spec, compiled steps, metrics, checkpoints.
 
-    def __init__(self, cfg: Config, data: Dataset, workdir: str | Path, progress: bool = True):
+    The state and the dataset are replicated on the devices of ``placement`` (default: the mesh of
+    ``cfg.parallel``) and the steps split each batch over them. With many processes every process runs this
+    loop on the same global arrays; only process 0 writes ``metrics.jsonl`` and ``genotype.json``."""
+
+    def __init__(self, cfg: Config, data: Dataset, workdir: str | Path, progress: bool = True,
+                 placement: Placement | None = None):
         self.cfg, self.data, self.workdir = cfg, data, Path(workdir)
-        self.progress = progress
+        self.placement = placement or make_placement(cfg.parallel)
+        self.main = is_main_process()
+        self.progress = progress and self.main
         self.tasks = plan(cfg)
         bs = cfg.data.batch_size
         self.n_weight_steps = data.train.images.shape[0] // bs
         self.n_arch_steps = data.arch_val.images.shape[0] // bs
-        self.x_train, self.y_train = jnp.asarray(data.train.images), jnp.asarray(data.train.labels)
-        self.x_val, self.y_val = jnp.asarray(data.arch_val.images), jnp.asarray(data.arch_val.labels)
+        self.x_train, self.y_train = self.place_split(data.train)
+        self.x_val, self.y_val = self.place_split(data.arch_val)
         self.metrics: list[dict] = []
         self.task_index, self.step_in_epoch = 0, 0
         self.alpha_history: list[dict] = []
@@ -86,15 +94,23 @@ class Run:
         self._t0 = time.perf_counter()
 
     # -------------------------------------------------------------------------------------- state
+    def place_split(self, split) -> tuple[jax.Array, jax.Array]:
+        """A split's images and labels, replicated on the mesh (placed once)."""
+        return place_dataset(split.images, self.placement), place_dataset(split.labels, self.placement)
+
     def init_state(self) -> None:
         m = self.cfg.model
         self.spec = build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
-        self.state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(
+        self.state = jax.jit(create_train_state, static_argnums=(1, 2, 3), out_shardings=self.placement.replicated)(
             jax.random.PRNGKey(self.cfg.seed), self.spec, self.cfg, self.n_weight_steps)
-        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps, self.placement)
 
     def abstract_state(self, spec: NetSpec):
-        return jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, self.cfg, self.n_weight_steps))
+        """The state's shapes and dtypes, replicated on this run's mesh: a checkpoint restores onto it whatever
+        the mesh that saved it."""
+        shapes = jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, self.cfg, self.n_weight_steps))
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.placement.replicated),
+                            shapes)
 
     def try_resume(self) -> bool:
         """Restore the newest readable checkpoint (cursor, metrics, state); False when there is none.
@@ -112,7 +128,7 @@ class Run:
             raise CheckpointError(f"the checkpoints in {self.ckpt.directory} come from a different config; use a "
                                   f"new --workdir or --set resume.allow_config_change=true")
         self.state, self.spec = restored.state, restored.spec
-        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps, self.placement)
         self.task_index = min(int(meta["task_index"]), len(self.tasks))  # a changed config may shorten the plan
         self.step_in_epoch = int(meta["step_in_epoch"]) if self.task_index < len(self.tasks) else 0
         self.metrics = meta["metrics"]
@@ -152,7 +168,8 @@ class Run:
 
     # -------------------------------------------------------------------------------------- logging
     def _write_metrics(self) -> None:
-        write_jsonl(self.workdir / "metrics.jsonl", self.metrics)
+        if self.main:
+            write_jsonl(self.workdir / "metrics.jsonl", self.metrics)
 
     def log(self, row: dict) -> None:
         self.metrics.append(row)
@@ -172,7 +189,8 @@ class Run:
         step_fn = self.steps.arch_step if arch_phase else self.steps.weight_step
         sample = self.steps.arch_sample if arch_phase else self.steps.sample
         x, y = (self.x_val, self.y_val) if arch_phase else (self.x_train, self.y_train)
-        perm = jnp.asarray(epoch_permutation(self.cfg.seed, task.epoch_id, int(x.shape[0]), self.cfg.data.batch_size))
+        perm = place(epoch_permutation(self.cfg.seed, task.epoch_id, int(x.shape[0]), self.cfg.data.batch_size),
+                     self.placement.replicated)
         if self.step_in_epoch == 0:
             self.state = self.state.replace(sums=zero_sums(), cycle=jnp.int32(task.cycle),
                                             phase=jnp.int32(PHASES.index(task.phase)))
@@ -216,7 +234,7 @@ class Run:
             row.update(grad_norm=float(sums["grad_norm"]) / count, grad_norm_max=float(sums["grad_norm_max"]))
         row["op_probs"] = np.asarray(jnp.mean(jax.nn.softmax(self.state.alpha, -1), 0)).round(5).tolist()
         if self.cfg.cycle.eval_every_epoch or task.epoch + 1 == self._phase_len(task.phase):
-            ev = evaluate(self.steps, self.state, self.x_val, self.y_val)
+            ev = self.evaluate(self.x_val, self.y_val)
             row.update(val_loss=ev["loss"], val_acc=ev["acc"])
         row["wall_s"] = self.wall_s()
         self.log(row)
@@ -250,10 +268,11 @@ class Run:
             return
         x_fixed = normalize(self.x_val[:64])
         before_spec, before_state = self.spec, self.state
-        self.spec, self.state, info = growth.grow(kind, self.spec, self.state, k_grow, self.cfg.growth)
+        self.spec, grown, info = growth.grow(kind, self.spec, self.state, k_grow, self.cfg.growth)
+        self.state = place(grown, self.placement.replicated)  # new weights come from eager ops, on any device
         diff = growth.max_abs_logit_diff(before_spec, before_state, self.spec, self.state, x_fixed)
-        del before_state
-        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps)
+        del before_state, grown
+        self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps, self.placement)
         self.log({"event": "growth", "cycle": task.cycle, "step": int(self.state.step), **info,
                   "max_abs_logit_diff": diff, "wall_s": self.wall_s()})
         logger.info("growth at cycle %d: %s at %s, params %d -> %d, max |logit diff| %.2e", task.cycle,
@@ -261,7 +280,7 @@ class Run:
 
     def run_cycle_end(self, task: Task) -> bool:
         """Evaluate, log; True when the run should stop early."""
-        ev = evaluate(self.steps, self.state, self.x_val, self.y_val)
+        ev = self.evaluate(self.x_val, self.y_val)
         self.log({"event": "cycle_end", "cycle": task.cycle, "step": int(self.state.step), "val_loss": ev["loss"],
                   "val_acc": ev["acc"], "tau": self.tau(), "params": count_params(self.state.params),
                   "layers": len(self.spec.blocks), "genotype": self.genotype()["ops"], "wall_s": self.wall_s()})
@@ -316,10 +335,15 @@ class Run:
                 raise KeyboardInterrupt
 
     def finish(self) -> dict:
-        ev = evaluate(self.steps, self.state, self.x_val, self.y_val)
-        test = evaluate(self.steps, self.state, jnp.asarray(self.data.test.images), jnp.asarray(self.data.test.labels))
+        ev = self.evaluate(self.x_val, self.y_val)
+        test = self.evaluate(*self.place_split(self.data.test))
         result = {"arch_val_acc": ev["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
                   "params": count_params(self.state.params), "layers": len(self.spec.blocks),
                   "steps": int(self.state.step), "device": device_name()}
-        write_json(self.workdir / "genotype.json", self.genotype())
+        if self.main:
+            write_json(self.workdir / "genotype.json", self.genotype())
         return result
+
+    def evaluate(self, images: jax.Array, labels: jax.Array) -> dict[str, float]:
+        """Mean loss and accuracy over a split, in batches split evenly over the mesh."""
+        return evaluate(self.steps, self.state, images, labels, multiple=self.placement.size)

@@ -43,27 +43,35 @@ def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     from asose_jax.estimate import FirstStepsEstimate, steps_left
     from asose_jax.final import train_final
     from asose_jax.model import count_params
+    from asose_jax.parallel import make_placement
     from asose_jax.report import write_report
+    from asose_jax.steps import check_devices
 
+    placement = make_placement(cfg.parallel)
+    check_devices(cfg, placement.size)
+    check(not (cfg.final.enabled and jax.process_count() > 1), "final.enabled",
+          "false with many processes (run python -m asose_jax.final on one process after the search)", True)
     check_search_cost(cfg)  # a latency table lacking a shape stops here, before the data loads
     data = load_dataset(cfg.data, cfg.seed)
     check_batches_fit(cfg, data)
-    run = Run(cfg, data, workdir, progress=progress)
+    run = Run(cfg, data, workdir, progress=progress, placement=placement)
     if not run.try_resume():
         run.init_state()
         logger.info("new run in %s: %s skeleton, %d blocks, %d weights, mixed-op mode %s", workdir,
                     cfg.model.skeleton, len(run.spec.blocks), count_params(run.state.params), cfg.mixed_op.mode)
     if cfg.final.enabled:
         check_final_resume(cfg, run, data, workdir)
-    cli.write_config(workdir, cfg)  # only now: a refused run leaves config.json as it was
-    if jax.default_backend() == "cpu":
+    if run.main:
+        cli.write_config(workdir, cfg)  # only now: a refused run leaves config.json as it was
+    if jax.default_backend() == "cpu" and run.main:
         run.on_sync = FirstStepsEstimate(steps_left(run), int(run.state.step), cfg.data.batch_size)
     result = run.execute()
     result["wall_s"] = run.wall_s()
     genotype = run.genotype()
     if cfg.final.enabled:
         result["final"] = train_final(cfg, genotype, data, workdir, progress=progress)
-    write_report(workdir, run.metrics, run.alpha_history, genotype, result)
+    if run.main:
+        write_report(workdir, run.metrics, run.alpha_history, genotype, result)
     return result
 
 
@@ -97,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.show_config:
             cli.show_config(cfg)
             return
+        from asose_jax.parallel import initialize_distributed
+        main_process = initialize_distributed(cfg.parallel) == 0
+        if not main_process:  # process 0 logs for the run; the others only warn
+            logging.getLogger().setLevel(logging.WARNING)
         workdir = Path(args.workdir or Path("runs") / name)
-        with cli.open_workdir(workdir, cfg):
+        with cli.open_workdir(workdir, cfg, lock=main_process):
             cli.enable_compilation_cache()
             t0 = time.perf_counter()
             result = run_search(cfg, workdir, progress=cli.progress(args))

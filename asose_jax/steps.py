@@ -16,11 +16,14 @@ from typing import Any, Callable, Protocol
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
 from asose_jax import arch, cost, mixed_op
-from asose_jax.config import Config
+from asose_jax.config import Config, check
 from asose_jax.data import augment_batch, normalize
+from asose_jax.errors import ConfigError
 from asose_jax.model import NetSpec, apply_network
+from asose_jax.parallel import Placement, constrain
 from asose_jax.single_path import SinglePathSteps
 from asose_jax.train_state import (TrainState, apply_alpha_grads, apply_weight_grads, arch_optimizer, compute_dtype,
                                    cross_entropy, tau_schedule, weight_optimizer)
@@ -46,22 +49,42 @@ class Steps(Protocol):
     def after_other_arch_step(self) -> None: ...
 
 
-def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
-    """The steps of ``cfg.mixed_op.mode``; with a different ``mixed_op.arch_mode``, arch steps of that mode."""
+def make_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int, placement: Placement | None = None) -> Steps:
+    """The steps of ``cfg.mixed_op.mode``; with a different ``mixed_op.arch_mode``, arch steps of that mode.
+
+    With a ``placement`` the one-program steps split each batch over its mesh (the state and data replicated);
+    without one they run where their inputs are, as on one device."""
     mo = cfg.mixed_op
-    steps = _mode_steps(spec, cfg, steps_per_epoch)
+    steps = _mode_steps(spec, cfg, steps_per_epoch, placement)
     if not mo.arch_mode or mo.arch_mode == mo.mode:
         return steps
     arch_cfg = replace(cfg, mixed_op=replace(mo, mode=mo.arch_mode, arch_mode=""))
-    return SplitModeSteps(steps, _mode_steps(spec, arch_cfg, steps_per_epoch))
+    return SplitModeSteps(steps, _mode_steps(spec, arch_cfg, steps_per_epoch, placement))
 
 
-def _mode_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> Steps:
+def _host_engine(cfg: Config, mode: str) -> bool:
+    """Whether the steps of ``mode`` run on the host-dispatched engine (``single_path``)."""
+    return mixed_op.MODES[mode].host_dispatch and cfg.mixed_op.dispatch == "host"
+
+
+def _mode_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int, placement: Placement | None) -> Steps:
     """The engine of ``cfg.mixed_op.mode``: host-dispatched where the mode allows it and ``dispatch=host``."""
-    program = program_steps(spec, cfg, steps_per_epoch)
-    if mixed_op.MODES[cfg.mixed_op.mode].host_dispatch and cfg.mixed_op.dispatch == "host":
+    program = program_steps(spec, cfg, steps_per_epoch, placement)
+    if _host_engine(cfg, cfg.mixed_op.mode):
         return SinglePathSteps(spec, cfg, steps_per_epoch, program.eval_batch)
     return program
+
+
+def check_devices(cfg: Config, n_devices: int) -> None:
+    """ConfigError unless the search's steps split over ``n_devices``: ``data.batch_size`` a multiple of it (the
+    weight and arch steps share it; the evaluation pads its batches to a multiple), and with more than one
+    device no host-dispatched engine (its per-block programs run on one device)."""
+    check(cfg.data.batch_size % n_devices == 0, "data.batch_size",
+          f"a multiple of {n_devices}, the devices in the mesh (or --set parallel.devices=N for an N dividing it)",
+          cfg.data.batch_size)
+    if n_devices > 1 and any(_host_engine(cfg, mode) for mode in (cfg.mixed_op.mode, cfg.mixed_op.arch_mode) if mode):
+        raise ConfigError(f"mixed_op.dispatch=host runs on one device, and the mesh has {n_devices}: --set "
+                          f"mixed_op.dispatch=switch (or mixed_op.mode=routed), or --set parallel.devices=1")
 
 
 class SplitModeSteps:
@@ -101,16 +124,20 @@ class ProgramSteps:
         """Nothing to do: every program reads alpha and the step counter from the state it is given."""
 
 
-def program_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> ProgramSteps:
+def program_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int, placement: Placement | None = None
+                  ) -> ProgramSteps:
     """:func:`sample_choices`, :func:`train_weights`, :func:`train_alpha` and :func:`eval_step` jitted for one
-    spec and config (the train steps donate the state)."""
-    sample = jax.jit(functools.partial(sample_choices, cfg))
+    spec and config (the train steps donate the state). With a ``placement`` every input and output is declared
+    replicated on its mesh and the batch inside each step is split over the mesh axis."""
+    shardings = dict(in_shardings=placement.replicated, out_shardings=placement.replicated) if placement else {}
+    batch = placement.batch if placement else None
+    sample = jax.jit(functools.partial(sample_choices, cfg), **shardings)
     return ProgramSteps(tau=tau_schedule(cfg), sample=sample, arch_sample=sample,
-                        weight_step=jax.jit(functools.partial(train_weights, spec, cfg, steps_per_epoch),
-                                            donate_argnums=0),
-                        arch_step=jax.jit(functools.partial(train_alpha, spec, cfg, cost.search_cost_table(spec, cfg)),
-                                          donate_argnums=0),
-                        eval_batch=jax.jit(functools.partial(eval_step, spec, cfg)))
+                        weight_step=jax.jit(functools.partial(train_weights, spec, cfg, steps_per_epoch, batch=batch),
+                                            donate_argnums=0, **shardings),
+                        arch_step=jax.jit(functools.partial(train_alpha, spec, cfg, cost.search_cost_table(spec, cfg),
+                                                            batch=batch), donate_argnums=0, **shardings),
+                        eval_batch=jax.jit(functools.partial(eval_step, spec, cfg, batch=batch), **shardings))
 
 
 def _step_keys(state: TrainState) -> jax.Array:
@@ -118,10 +145,13 @@ def _step_keys(state: TrainState) -> jax.Array:
     return jax.random.split(jax.random.fold_in(state.key, state.step))
 
 
-def _augmented_batch(cfg: Config, state: TrainState, x_all, y_all, perm, i):
+def _augmented_batch(cfg: Config, state: TrainState, x_all, y_all, perm, i, batch: NamedSharding | None):
+    """Batch ``perm[i]`` gathered from the replicated split and laid out with ``batch`` (split over the mesh),
+    augmented: the random crops and flips are the same whatever the layout (partitionable threefry)."""
     idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
     k_aug, k_arch = _step_keys(state)
-    return augment_batch(k_aug, x_all[idx], cfg.data.crop, cfg.data.flip), y_all[idx], k_arch
+    x, y = constrain(x_all[idx], batch), constrain(y_all[idx], batch)
+    return augment_batch(k_aug, x, cfg.data.crop, cfg.data.flip), y, k_arch
 
 
 def sample_choices(cfg: Config, state: TrainState) -> jax.Array:
@@ -148,10 +178,10 @@ def _correct(logits: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def train_weights(spec: NetSpec, cfg: Config, steps_per_epoch: int, state: TrainState, x_all, y_all, perm, i,
-                  choice) -> TrainState:
+                  choice, batch: NamedSharding | None = None) -> TrainState:
     """One weight step (alpha frozen) on batch ``perm[i]`` of ``x_all`` (uint8 ``[N, 32, 32, 3]``) with the op
-    ``choice`` of :func:`sample_choices`."""
-    x, y, k_arch = _augmented_batch(cfg, state, x_all, y_all, perm, i)
+    ``choice`` of :func:`sample_choices`; the batch laid out with ``batch`` (:mod:`asose_jax.parallel`)."""
+    x, y, k_arch = _augmented_batch(cfg, state, x_all, y_all, perm, i, batch)
     alpha, tau = jax.lax.stop_gradient(state.alpha), tau_schedule(cfg)(state.arch_epochs)
 
     def loss_fn(params):
@@ -163,13 +193,13 @@ def train_weights(spec: NetSpec, cfg: Config, steps_per_epoch: int, state: Train
 
 
 def train_alpha(spec: NetSpec, cfg: Config, cost_table: jax.Array | None, state: TrainState, x_all, y_all, perm, i,
-                choice) -> TrainState:
+                choice, batch: NamedSharding | None = None) -> TrainState:
     """One arch step (weights frozen; no label smoothing) on batch ``perm[i]`` of the arch split.
 
     The loss is the cross-entropy, plus ``arch.cost_weight * cost.expected_cost(alpha, cost_table)`` when the
     weight is above 0 (``cost_table``: :func:`asose_jax.cost.search_cost_table`); the logged loss is the
     cross-entropy alone."""
-    x, y, k_arch = _augmented_batch(cfg, state, x_all, y_all, perm, i)
+    x, y, k_arch = _augmented_batch(cfg, state, x_all, y_all, perm, i, batch)
     tau = tau_schedule(cfg)(state.arch_epochs)
     params = jax.lax.stop_gradient(state.params)
 
@@ -183,9 +213,12 @@ def train_alpha(spec: NetSpec, cfg: Config, cost_table: jax.Array | None, state:
     return apply_alpha_grads(state, arch_optimizer(cfg), grads, stats, loss, _correct(logits, y), y.shape[0])
 
 
-def eval_step(spec: NetSpec, cfg: Config, state: TrainState, x_u8, y, mask) -> tuple[jax.Array, jax.Array]:
-    """Sums of (loss, correct) over the unmasked examples of one batch, inference mode, ``mixed_op.eval_mode``."""
+def eval_step(spec: NetSpec, cfg: Config, state: TrainState, x_u8, y, mask, batch: NamedSharding | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """Sums of (loss, correct) over the unmasked examples of one batch, inference mode, ``mixed_op.eval_mode``;
+    the batch laid out with ``batch``."""
     mo = cfg.mixed_op
+    x_u8, y, mask = (constrain(v, batch) for v in (x_u8, y, mask))
     sel = mixed_op.select_rows(mixed_op.MODES[mo.eval_mode].eval_weights(state.alpha), mo.eval_mode, mo.k,
                                mo.weight_threshold)
     logits, _ = apply_network(spec, state.params, state.batch_stats, normalize(x_u8), sel, mo.eval_mode, False, False,
@@ -197,10 +230,11 @@ def eval_step(spec: NetSpec, cfg: Config, state: TrainState, x_u8, y, mask) -> t
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
-def padded_batches(images, labels, batch_size: int):
-    """Fixed-order batches ``(x, y, mask)`` of one compiled shape; the last is zero-padded, mask False there."""
+def padded_batches(images, labels, batch_size: int, multiple: int = 1):
+    """Fixed-order batches ``(x, y, mask)`` of one compiled shape, ``min(batch_size, len)`` rounded up to a
+    ``multiple`` (the device count: each device gets an equal share); the last is zero-padded, mask False there."""
     n = int(images.shape[0])
-    bs = min(batch_size, n)
+    bs = -(-min(batch_size, n) // multiple) * multiple
     for start in range(0, n, bs):
         xb, yb = images[start:start + bs], labels[start:start + bs]
         m = xb.shape[0]
@@ -210,11 +244,13 @@ def padded_batches(images, labels, batch_size: int):
         yield xb, yb, jnp.arange(bs) < m
 
 
-def evaluate(steps: Steps, state: TrainState, images, labels, batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """Mean loss and accuracy (%) over a whole split (device arrays), in fixed order."""
+def evaluate(steps: Steps, state: TrainState, images, labels, batch_size: int = EVAL_BATCH,
+             multiple: int = 1) -> dict[str, float]:
+    """Mean loss and accuracy (%) over a whole split (device arrays), in fixed order; batches of a ``multiple``
+    of the device count (:func:`padded_batches`)."""
     n = int(images.shape[0])
     loss, correct = 0.0, 0
-    for xb, yb, mask in padded_batches(images, labels, batch_size):
+    for xb, yb, mask in padded_batches(images, labels, batch_size, multiple):
         l, c = steps.eval_batch(state, xb, yb, mask)
         loss += float(l)
         correct += int(c)
