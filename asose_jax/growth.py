@@ -229,73 +229,56 @@ def widened_channels(c: int, factor: float) -> int:
 
 
 class _Widener:
-    """The index maps of one Net2Wider step (``g``: new -> old channel, ``cnt``: replicas per old)."""
+    """The index maps of one Net2Wider step: ``g`` (new -> old channel, every old channel at least once, see
+    :func:`widen_mapping`) and ``div``, the replica count of each new channel's source. The weights it maps were
+    made for the stage's width by ``OpDef.init`` and the spec (and the tests widen every registered op), so their
+    shapes are not checked again."""
 
     def __init__(self, c: int, g: np.ndarray):
-        self.c, self.g = c, np.asarray(g)
-        self.c_new, self.h, self.h_new = len(g), c // 2, len(g) // 2
-        cnt = np.bincount(self.g, minlength=c)
-        if len(cnt) != c or np.any(cnt == 0):
-            raise ValueError("widen map must hit every old channel")
-        self.div = np.asarray(cnt[self.g], np.float32)  # replica count of each new channel's source
+        self.g, self.h, self.h_new = np.asarray(g), c // 2, len(g) // 2
+        self.div = np.asarray(np.bincount(self.g, minlength=c)[self.g], np.float32)
 
-    def _check(self, w, axis: int, size: int, what: str):
-        if np.shape(w)[axis] != size:
-            raise ValueError(f"widen: {what} has shape {np.shape(w)}, expected {size} on axis {axis}")
-
-    def out(self, w, what: str):
-        """Output channels (last axis) by g: conv output columns, BN scale/bias/mean/var, depthwise."""
-        self._check(w, -1, self.c, what)
+    def out(self, w):
+        """Output channels (last axis) by g: conv output columns, BN scale/bias/mean/var, depthwise filters."""
         return jnp.take(jnp.asarray(w), self.g, axis=-1)
 
-    def inp(self, w, axis: int, what: str):
+    def inp(self, w, axis: int):
         """Input channels on ``axis`` by g, divided by the replica count (consumers of the stage)."""
-        self._check(w, axis, self.c, what)
         w = jnp.take(jnp.asarray(w), self.g, axis=axis)
         shape = [1] * w.ndim
-        shape[axis] = self.c_new
+        shape[axis] = len(self.g)
         return w / jnp.asarray(self.div.reshape(shape), w.dtype)
 
-    def full(self, w, what: str):
+    def full(self, w):
         """A C -> C conv inside the stage: in by g / cnt, out by g."""
-        return self.out(self.inp(w, 2, what), what)
+        return self.out(self.inp(w, 2))
 
-    def depthwise(self, w, what: str):
-        """A ``[k, k, 1, C]`` per-channel filter: output channels by g."""
-        self._check(w, 2, 1, what)
-        return self.out(w, what)
-
-    def reduce_low(self, w, what: str):
+    def reduce_low(self, w):
         """FactorizedReduce conv1 (-> old [0, c//2)): in by g / cnt, out by the first half of g."""
-        w = self.inp(w, 2, what)
-        self._check(w, -1, self.h, what)
-        return jnp.take(w, self.g[:self.h_new], axis=-1)
+        return jnp.take(self.inp(w, 2), self.g[:self.h_new], axis=-1)
 
-    def reduce_high(self, w, what: str):
+    def reduce_high(self, w):
         """FactorizedReduce conv2 (-> old [c//2, c)): in by g / cnt, out by the second half of g."""
-        w = self.inp(w, 2, what)
-        self._check(w, -1, self.c - self.h, what)
-        return jnp.take(w, self.g[self.h_new:] - self.h, axis=-1)
+        return jnp.take(self.inp(w, 2), self.g[self.h_new:] - self.h, axis=-1)
 
     def op_params(self, op: str, p: dict) -> dict:
         """The weights of op ``op``, each by its ``OpDef.channel_roles`` entry."""
         roles = OP_REGISTRY[op].channel_roles
-        rules = {DEPTHWISE: self.depthwise, FULL: self.full, REDUCE_LOW: self.reduce_low, REDUCE_HIGH: self.reduce_high}
+        rules = {DEPTHWISE: self.out, FULL: self.full, REDUCE_LOW: self.reduce_low, REDUCE_HIGH: self.reduce_high}
         new = {}
         for name, w in p.items():
             if roles.get(name) not in rules:
                 raise ValueError(f"widen: no channel rule for parameter {op}.{name}")
-            new[name] = rules[roles[name]](w, f"{op}.{name}")
+            new[name] = rules[roles[name]](w)
         return new
 
     def stats(self, tree):
         """Per-channel BN statistics (any nesting) by g."""
-        return jax.tree.map(lambda v: self.out(v, "bn stats"), tree)
+        return jax.tree.map(self.out, tree)
 
     def conv_bn_out(self, p: dict) -> dict:
         """A producer conv-BN(affine): output columns and scale/bias by g."""
-        return {**p, "w": self.out(p["w"], "producer conv"), "scale": self.out(p["scale"], "bn scale"),
-                "bias": self.out(p["bias"], "bn bias")}
+        return {**p, "w": self.out(p["w"]), "scale": self.out(p["scale"]), "bias": self.out(p["bias"])}
 
 
 def widen(spec: NetSpec, state, stage: int, factor: float, key: jax.Array):
@@ -336,10 +319,10 @@ def widen(spec: NetSpec, state, stage: int, factor: float, key: jax.Array):
         for i in st.blocks:
             blocks[i]["paths"] = [path(p) for p in blocks[i]["paths"]]
         if params and st.consumer is None:
-            new["head"] = {**tree["head"], "w": wd.inp(tree["head"]["w"], 0, "head")}
+            new["head"] = {**tree["head"], "w": wd.inp(tree["head"]["w"], 0)}
         elif params:
             ic = blocks[st.consumer]["input_conv"]
-            blocks[st.consumer]["input_conv"] = {**ic, "w": wd.inp(ic["w"], 2, "consumer conv")}
+            blocks[st.consumer]["input_conv"] = {**ic, "w": wd.inp(ic["w"], 2)}
         return {**new, "blocks": blocks}
 
     def w_transfer(tree, _unused=None):
@@ -439,14 +422,10 @@ def max_abs_logit_diff(spec_a: NetSpec, state_a, spec_b: NetSpec, state_b, x, mo
 class Growth:
     """One growth kind. ``apply(spec, state, position, key, g) -> (spec, state)`` with ``g`` the GrowthConfig;
     ``positions(spec)``: how many positions it can act on (``grow`` draws one uniformly from ``0..positions-1``);
-    ``feasible(spec, state, g)``: whether the network may take it now."""
+    ``feasible(spec, state, g)``: whether the network may take it now (by default always)."""
     apply: Callable[..., tuple[NetSpec, Any]]
     positions: Callable[[NetSpec], int]
-    feasible: Callable[[NetSpec, Any, GrowthConfig], bool]
-
-
-def _always(spec: NetSpec, state, g: GrowthConfig) -> bool:
-    return True
+    feasible: Callable[[NetSpec, Any, GrowthConfig], bool] = lambda spec, state, g: True
 
 
 def _deepen_feasible(spec: NetSpec, state, g: GrowthConfig) -> bool:
@@ -461,9 +440,9 @@ GROWTHS: dict[str, Growth] = {
     "deepen": Growth(lambda spec, state, pos, key, g: deepen(spec, state, pos, key, g.deepen_skip_prob),
                      lambda spec: len(spec.blocks) + 1, _deepen_feasible),
     "widen": Growth(lambda spec, state, pos, key, g: widen(spec, state, pos, g.widen_factor, key),
-                    lambda spec: len(stages(spec)), _always),
+                    lambda spec: len(stages(spec))),
     "branch": Growth(lambda spec, state, pos, key, g: branch(spec, state, pos, key),
-                     lambda spec: len(spec.blocks), _always),
+                     lambda spec: len(spec.blocks)),
 }
 
 
