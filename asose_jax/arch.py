@@ -42,14 +42,10 @@ def arch_weights(key: jax.Array, alpha: jax.Array, tau: jax.Array, sampling: str
     return gumbel_softmax(key, alpha, tau, hard=(sampling == "hard"))
 
 
-def _entropy_row(logits: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.sum(jnp.exp(logp) * logp)
-
-
 def entropy(alpha: jax.Array) -> jax.Array:
     """Entropy (nats) of softmax(alpha) per row ``[rows]``; stable for any finite logits."""
-    return jax.vmap(_entropy_row)(alpha)
+    logp = jax.nn.log_softmax(alpha, axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def derive_genotype(alpha, ops: tuple[str, ...], exclude_none: bool = True,
