@@ -132,12 +132,6 @@ def init_conv_bn(key: jax.Array, k: int, c_in: int, c_out: int) -> tuple[dict, d
     return params, bn_stats_init(c_out)
 
 
-def init_fixed_path(key: jax.Array, name: str, c: int, stride: int) -> tuple[dict, dict]:
-    """Params and BN stats of a path with the one op ``name``: ``{name: ...}``, drawn from ``key`` itself."""
-    params, stats = OP_REGISTRY[name].init(key, c, stride)
-    return {name: params}, {name: stats}
-
-
 def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec, first_row: int = 0,
                path_scale_init: float = 1.0) -> tuple[dict, dict]:
     """Input conv, paths and path scales of one block. In a fixed-op spec, path ``p`` holds only the op of row
@@ -148,9 +142,10 @@ def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec, first_row: int =
     if block.input_conv:
         params["input_conv"], stats["input_conv"] = init_conv_bn(k_in, block.input_conv, block.c_in, block.c_out)
     keys = jax.random.split(k_paths, block.n_paths)
-    if spec.fixed_ops:
-        paths = [init_fixed_path(k, spec.ops[spec.fixed_ops[first_row + p]], block.c_out, block.op_stride)
-                 for p, k in enumerate(keys)]
+    if spec.fixed_ops:  # {op: ...} with the path's one op, drawn from the path's key itself
+        names = [spec.ops[i] for i in spec.fixed_ops[first_row:first_row + block.n_paths]]
+        inits = [OP_REGISTRY[n].init(k, block.c_out, block.op_stride) for n, k in zip(names, keys)]
+        paths = [({n: p}, {n: s}) for n, (p, s) in zip(names, inits)]
     else:
         paths = [init_path(k, spec.ops, block.c_out, block.op_stride) for k in keys]
     params["paths"] = [p for p, _ in paths]
