@@ -110,12 +110,12 @@ def initialize_distributed(cfg: ParallelConfig, env: Mapping[str, str] = os.envi
     cluster = explicit_cluster(cfg, env)
     if cluster is None and not detected_cluster(env):
         return 0
+    if cluster is not None and cluster.process_id > 0:
+        wait_for_coordinator(cluster.coordinator, cfg.timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cluster is None:
         jax.distributed.initialize(initialization_timeout=cfg.timeout_s)
     else:
-        if cluster.process_id > 0:
-            wait_for_coordinator(cluster.coordinator, cfg.timeout_s)
         jax.distributed.initialize(cluster.coordinator, cluster.num_processes, cluster.process_id,
                                    initialization_timeout=cfg.timeout_s)
     logger.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(),
