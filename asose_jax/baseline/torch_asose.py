@@ -43,10 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRIMITIVES: tuple[str, ...] = (
-    "none", "avg_pool_3x3", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
-    "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7",
-)
+from asose_jax.config import PRIMITIVES  # the original's 10 ops, in its order (config imports no jax)
+
 MODES = ("allops", "single", "argmax")
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
