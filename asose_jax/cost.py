@@ -36,9 +36,6 @@ class RowShape:
     height: int
     stride: int
 
-    def label(self) -> str:
-        return f"C{self.channels} {self.height}x{self.height} s{self.stride}"
-
 
 def _downsampled(height: int, stride: int) -> int:
     """Spatial size after a 'same'-padded conv or pool of ``stride`` (every op and input conv pads so)."""
@@ -123,10 +120,10 @@ def latency_table(spec: NetSpec, path: str | Path, precision: str) -> np.ndarray
         for op in spec.ops:
             key = latency_key(op, shape, precision)
             if key not in measured:
-                raise ConfigError(f"arch.cost: latency table {path} has no {precision} entry for {op} at "
-                                  f"{shape.label()} (row {r}); add it on the target GPU with scripts/bench_ops.py "
-                                  f"--no-torch --shapes {shape.channels}/{shape.height}/{shape.stride} --precisions "
-                                  f"{precision} --latency-out {path}")
+                c, h, s = shape.channels, shape.height, shape.stride
+                raise ConfigError(f"arch.cost: latency table {path} has no {precision} entry for {op} at C{c} {h}x{h} "
+                                  f"s{s} (row {r}); add it on the target GPU with scripts/bench_ops.py --no-torch "
+                                  f"--shapes {c}/{h}/{s} --precisions {precision} --latency-out {path}")
             row.append(measured[key])
         rows.append(row)
     return np.array(rows, np.float64)
