@@ -1,8 +1,6 @@
 """The mixed op: a weighted combination of primitives that computes only the ops it needs.
 
-Each *mode* is one :class:`Mode` in ``MODES``. Its ``choose`` picks the ops from one row of op weights
-``[num_ops]``, its ``select`` turns the weights and that choice into a *selection* (scalar op indices and their
-coefficients), and its ``apply`` runs exactly the selected ops:
+Each *mode* is one :class:`Mode` in ``MODES``, whose ``apply`` runs exactly the ops its selection names:
 
 | mode        | ops computed | how                                                             |
 |-------------|--------------|-----------------------------------------------------------------|
@@ -302,14 +300,13 @@ def _pick(idx: jax.Array, flat: jax.Array, trees: dict, names: tuple[str, ...], 
 def switched(ops: tuple[str, ...], stride: int, train: bool):
     """``(idx, params, stats, x) -> (y, new stats)``: op ``ops[idx]`` through one ``lax.switch``.
 
-    ``lax.switch`` differentiated by JAX makes every branch return the union of all branches' residuals
-    (zero-filled where the branch is not taken), the new statistics of every op and, backward, the gradient of
-    every op's weights (zeros for the others): XLA copies or fills each of these buffers at every conditional
-    (docs/benchmarks.md counts them). Here the
-    forward branches return only ``y`` and the chosen op's statistics packed into one vector, and a custom VJP
-    recomputes the chosen op inside a second switch, which returns ``dx`` and the op's weight gradient packed
-    into one vector; the per-op values are unpacked outside the conditionals. Same values and gradients as
-    the plain switch (tests/test_mixed_op.py)."""
+    ``lax.switch`` differentiated by JAX makes every branch return the union of all branches' residuals (zero-filled
+    where the branch is not taken), the new statistics of every op and, backward, the gradient of every op's weights
+    (zeros for the others): XLA copies or fills each of these buffers at every conditional (docs/benchmarks.md
+    counts them). Here the forward branches return only ``y`` and the chosen op's statistics packed into one vector,
+    and a custom VJP recomputes the chosen op inside a second switch, which returns ``dx`` and the op's weight
+    gradient packed into one vector; the per-op values are unpacked outside the conditionals. Same values and
+    gradients as the plain switch (tests/test_mixed_op.py)."""
     n_ops = len(ops)
 
     def forward(idx, params, stats, x):
