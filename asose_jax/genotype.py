@@ -12,7 +12,6 @@ The search writes it (``genotype.json``, :func:`asose_jax.utils.write_json`)::
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
 from pathlib import Path
 
 from asose_jax.errors import GenotypeError
@@ -29,7 +28,7 @@ def _rows(row) -> list:
     return row if isinstance(row, list) else [row]
 
 
-def load_genotype(path: str | Path, known_ops: Collection[str] = OP_REGISTRY) -> dict:
+def load_genotype(path: str | Path) -> dict:
     """Read a genotype JSON and check it (:func:`validate_genotype`); GenotypeError (one line) otherwise."""
     p = Path(path)
     if not p.is_file():
@@ -38,13 +37,13 @@ def load_genotype(path: str | Path, known_ops: Collection[str] = OP_REGISTRY) ->
         g = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GenotypeError(f"genotype file {path} is not valid JSON ({e})") from None
-    validate_genotype(g, known_ops, where=f"genotype {path}")
+    validate_genotype(g, where=f"genotype {path}")
     return g
 
 
-def validate_genotype(genotype, known_ops: Collection[str] = OP_REGISTRY, where: str = "genotype") -> None:
-    """Raise :class:`GenotypeError` (one line) unless ``genotype`` names ``known_ops`` (default: the ops
-    registered at call time) and describes a chain of blocks whose channels connect."""
+def validate_genotype(genotype, where: str = "genotype") -> None:
+    """Raise :class:`GenotypeError` (one line) unless ``genotype`` names registered ops (``OP_REGISTRY``) and
+    describes a chain of blocks whose channels connect."""
     if not isinstance(genotype, dict):
         raise GenotypeError(f"{where}: expected a JSON object")
     ops, blocks = genotype.get("ops"), genotype.get("blocks")
@@ -55,8 +54,8 @@ def validate_genotype(genotype, known_ops: Collection[str] = OP_REGISTRY, where:
         if not names or not all(isinstance(n, str) for n in names):
             raise GenotypeError(f"{where}: block {i} needs an op name or a non-empty list of op names, got {row!r}")
         for name in names:
-            if name not in known_ops:
-                raise GenotypeError(f"{where}: unknown op {name!r} in block {i} (known: {', '.join(known_ops)})")
+            if name not in OP_REGISTRY:
+                raise GenotypeError(f"{where}: unknown op {name!r} in block {i} (known: {', '.join(OP_REGISTRY)})")
     if not isinstance(blocks, list):
         raise GenotypeError(f"{where} has no 'blocks' list")
     if len(ops) != len(blocks):
