@@ -48,7 +48,6 @@ from asose_jax.utils import (EVAL_BATCH, FINAL_CHECKPOINTS, LOG_EVERY, ctrl_c_fl
 logger = logging.getLogger("asose_jax")
 EPOCH_ID_OFFSET = 10_000  # epoch order: epoch_permutation(seed, EPOCH_ID_OFFSET + epoch, ...)
 STOP_AFTER_EPOCH_ENV = "ASOSE_STOP_AFTER_EPOCH"
-FINAL_JSON_KEYS = ("test_acc", "test_acc_tta", "epochs", "wall_s", "params", "device")
 VAL_SPLIT_STREAM = 0x5A1  # the held-out split's permutation: default_rng([seed, VAL_SPLIT_STREAM])
 
 

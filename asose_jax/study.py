@@ -42,7 +42,6 @@ from asose_jax.search import run_search
 from asose_jax.utils import write_json
 
 logger = logging.getLogger("asose_jax")
-TIMING_FIELDS = ("search_wall_s", "final_wall_s", "img_per_s")  # the fields that differ between equal runs
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -194,7 +194,7 @@ def kill_at(cache: Path, workdir: Path, marker: str, after: str) -> str:
 
 def _untimed(doc: dict) -> dict:
     """study.json without its timing fields and the commit (other work may commit between two runs)."""
-    drop = (*study.TIMING_FIELDS, "commit")
+    drop = ("search_wall_s", "final_wall_s", "img_per_s", "commit")
     return {**doc, "records": [{k: v for k, v in r.items() if k not in drop} for r in doc["records"]]}
 
 
