@@ -166,9 +166,6 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array,
       high enough that training steps sample it with probability >= ``skip_prob`` (``softmax(row)``,
       see :func:`_skip_row`), so the new block starts as the identity in most training steps too.
       Raises ``ValueError`` if the op set lacks ``skip_connect`` or ``skip_prob`` is outside (0, 1).
-
-    The row is inserted where the block's rows go (block order), momentum and Adam moments of the new
-    block/row are zero.
     """
     position = int(position)
     if not 0 <= position <= len(spec.blocks):
@@ -359,7 +356,7 @@ def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
     own alpha row (``0.1 * N(0, 1)``), inserted right after the block's existing rows. Its
     ``path_scale`` entry is 0 (a block that had no ``path_scale`` -- ``original`` with one path -- gets
     ``[1.0, 0.0]``), so the function is exactly preserved in every mode; training then moves the scale
-    away from 0. The new path's weights, row and scale entry start with zero momentum/Adam moments.
+    away from 0.
     """
     block_index = int(block_index)
     if not 0 <= block_index < len(spec.blocks):
