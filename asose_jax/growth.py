@@ -76,20 +76,9 @@ def transfer_opt_state(opt_state, old_params, transfer: Transfer, new_parts=None
     return walk(opt_state)
 
 
-def _rows_transfer(row_map: list[int | None]) -> Transfer:
-    """Alpha-shaped transfer: new row ``r`` = old row ``row_map[r]``, or the next row of ``new_parts``
-    (``[n_new, ops]``) where ``row_map[r]`` is None."""
-    def transfer(old, new_rows):
-        old = jnp.asarray(old)
-        rows, j = [], 0
-        for i in row_map:
-            if i is None:
-                rows.append(jnp.asarray(new_rows[j], old.dtype))
-                j += 1
-            else:
-                rows.append(old[i])
-        return jnp.stack(rows)
-    return transfer
+def _insert_row(r: int) -> Transfer:
+    """Alpha-shaped transfer: ``new_row`` ``[1, ops]`` inserted before old row ``r``."""
+    return lambda old, new_row: jnp.concatenate([old[:r], jnp.asarray(new_row, old.dtype), old[r:]])
 
 
 def _finish(state, params, stats, alpha, w_transfer: Transfer, w_new, a_transfer: Transfer, a_new):
@@ -192,7 +181,7 @@ def deepen(spec: NetSpec, state, position: int, key: jax.Array,
         return {**tree, "blocks": blocks}
 
     r = (spec.row_offsets() + (spec.num_rows,))[position]
-    a_transfer = _rows_transfer(list(range(r)) + [None] + list(range(r, spec.num_rows)))
+    a_transfer = _insert_row(r)
     params = w_transfer(state.params, bp)
     stats = w_transfer(state.batch_stats, bs)
     alpha = a_transfer(state.alpha, new_row[None])
@@ -337,7 +326,7 @@ def widen(spec: NetSpec, state, stage: int, factor: float, key: jax.Array):
     new_spec = dataclasses.replace(spec, blocks=tuple(blocks),
                                    stem_channels=c_new if st.producer < 0 else spec.stem_channels)
 
-    a_transfer = _rows_transfer(list(range(spec.num_rows)))
+    a_transfer = lambda old, _: jnp.array(old)  # noqa: E731 (alpha is unchanged: a copy)
     params = w_transfer(state.params)
     stats = stage_transfer(state.batch_stats, wd.stats, wd.stats, params=False)
     alpha = a_transfer(state.alpha, None)
@@ -388,7 +377,7 @@ def branch(spec: NetSpec, state, block_index: int, key: jax.Array):
     stats = {**state.batch_stats, "blocks": stat_blocks}
 
     r = spec.row_offsets()[block_index] + b.n_paths
-    a_transfer = _rows_transfer(list(range(r)) + [None] + list(range(r, spec.num_rows)))
+    a_transfer = _insert_row(r)
     new_row = NEW_ROW_SCALE * jax.random.normal(k_a, (1, len(spec.ops)), jnp.float32)
     params = w_transfer(state.params, new_parts)
     alpha = a_transfer(state.alpha, new_row)
@@ -449,12 +438,10 @@ def feasible_kinds(spec: NetSpec, state, g: GrowthConfig) -> tuple[str, ...]:
 
 
 def grow(kind: str, spec: NetSpec, state, key: jax.Array, g: GrowthConfig):
-    """Apply one growth of ``kind`` at a position drawn uniformly from ``key`` (reproducible).
-
-    ``deepen``: the new block's index in ``0..len(blocks)``, ``skip_prob`` = ``g.deepen_skip_prob``; ``widen``: a
-    stage, factor ``g.widen_factor``; ``branch``: a block. Returns ``(spec, state, info)``,
-    ``info = {kind, position, params_before, params_after}``. A kind the network cannot take now raises
-    ``ValueError``: pick kinds with :func:`feasible_kinds`. ``g.kinds`` is not enforced here."""
+    """Apply one growth of ``kind`` at a position drawn uniformly from ``key`` (reproducible) among its
+    ``Growth.positions``. Returns ``(spec, state, info)``, ``info = {kind, position, params_before, params_after}``.
+    A kind the network cannot take now raises ``ValueError``: pick kinds with :func:`feasible_kinds`. ``g.kinds``
+    is not enforced here."""
     if kind not in GROWTHS:
         raise ValueError(f"unknown growth kind {kind!r} (known: {', '.join(GROWTHS)})")
     growth = GROWTHS[kind]
