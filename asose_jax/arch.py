@@ -22,17 +22,12 @@ def straight_through(soft: jax.Array, idx: jax.Array) -> jax.Array:
     return one_hot - jax.lax.stop_gradient(soft) + soft
 
 
-def _gumbel_row(key: jax.Array, logits: jax.Array, tau: jax.Array, hard: bool) -> jax.Array:
-    """One row: Gumbel-softmax sample ``[num_ops]``; hard = one-hot forward, soft gradient (straight-through)."""
-    g = jax.random.gumbel(key, logits.shape, jnp.float32)
-    soft = jax.nn.softmax((logits + g) / tau)
-    return straight_through(soft, jnp.argmax(soft)) if hard else soft
-
-
 def gumbel_softmax(key: jax.Array, alpha: jax.Array, tau: jax.Array, hard: bool) -> jax.Array:
-    """Independent samples for every row of ``alpha`` ``[rows, ops]`` -> ``[rows, ops]``."""
-    keys = jax.random.split(key, alpha.shape[0])
-    return jax.vmap(_gumbel_row, in_axes=(0, 0, None, None))(keys, alpha, tau, hard)
+    """Independent Gumbel-softmax samples for every row of ``alpha`` ``[rows, ops]`` -> ``[rows, ops]``, row ``r``'s
+    noise from ``split(key, rows)[r]``; hard = one-hot forward, soft gradient (straight-through)."""
+    g = jax.vmap(lambda k: jax.random.gumbel(k, alpha.shape[1:], jnp.float32))(jax.random.split(key, alpha.shape[0]))
+    soft = jax.nn.softmax((alpha + g) / tau, axis=-1)
+    return straight_through(soft, jnp.argmax(soft, axis=-1)) if hard else soft
 
 
 def arch_weights(key: jax.Array, alpha: jax.Array, tau: jax.Array, sampling: str) -> jax.Array:
