@@ -62,7 +62,6 @@ def _bn(c: int, affine: bool = False) -> nn.BatchNorm2d:
 
 
 # ---------------------------------------------------------------------------------------------- primitives
-# Sub-module names match the keys of the JAX params / stats dicts of asose_jax.ops.
 
 class Zero(nn.Module):
     """``none``: zeros (subsampled ``[::s, ::s]`` at stride s), no parameters."""
