@@ -155,13 +155,6 @@ def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec, first_row: int =
     return params, stats
 
 
-def init_head(key_w: jax.Array, key_b: jax.Array, c_in: int, num_classes: int) -> dict:
-    """Linear classifier ``{"w": [c_in, classes], "b": [classes]}``, PyTorch default init."""
-    bound = 1.0 / math.sqrt(c_in)
-    return {"w": jax.random.uniform(key_w, (c_in, num_classes), jnp.float32, -bound, bound),
-            "b": jax.random.uniform(key_b, (num_classes,), jnp.float32, -bound, bound)}
-
-
 def apply_head(params: dict, h: jax.Array) -> jax.Array:
     """Global average pool of ``h`` ``[N, H, W, C]`` then the linear head: float32 logits ``[N, classes]``."""
     pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
@@ -178,7 +171,9 @@ def init_network(key: jax.Array, spec: NetSpec, path_scale_init: float = 1.0) ->
               for k, b, off in zip(jax.random.split(k_blocks, len(spec.blocks)), spec.blocks, spec.row_offsets())]
     params["blocks"] = [p for p, _ in blocks]
     stats["blocks"] = [s for _, s in blocks]
-    params["head"] = init_head(k_head_w, k_head_b, c_last, spec.num_classes)
+    bound = 1.0 / math.sqrt(c_last)  # the linear head, {"w": [C, classes], "b": [classes]}: PyTorch's default init
+    params["head"] = {"w": jax.random.uniform(k_head_w, (c_last, spec.num_classes), jnp.float32, -bound, bound),
+                      "b": jax.random.uniform(k_head_b, (spec.num_classes,), jnp.float32, -bound, bound)}
     return params, stats
 
 
