@@ -113,20 +113,15 @@ def load_latency(path: str | Path) -> dict[tuple, float]:
 
 def latency_table(spec: NetSpec, path: str | Path, precision: str) -> np.ndarray:
     """``[rows, ops]`` measured ms of each op at each row's shape; a shape the table lacks is a ConfigError."""
-    measured = load_latency(path)
-    rows = []
-    for r, shape in enumerate(row_shapes(spec)):
-        row = []
-        for op in spec.ops:
-            key = latency_key(op, shape, precision)
-            if key not in measured:
-                c, h, s = shape.channels, shape.height, shape.stride
-                raise ConfigError(f"arch.cost: latency table {path} has no {precision} entry for {op} at C{c} {h}x{h} "
-                                  f"s{s} (row {r}); add it on the target GPU with scripts/bench_ops.py --no-torch "
-                                  f"--shapes {c}/{h}/{s} --precisions {precision} --latency-out {path}")
-            row.append(measured[key])
-        rows.append(row)
-    return np.array(rows, np.float64)
+    measured, shapes = load_latency(path), row_shapes(spec)
+    for r, shape in enumerate(shapes):
+        missing = [op for op in spec.ops if latency_key(op, shape, precision) not in measured]
+        if missing:
+            c, h, s = shape.channels, shape.height, shape.stride
+            raise ConfigError(f"arch.cost: latency table {path} has no {precision} entry for {missing[0]} at C{c} "
+                              f"{h}x{h} s{s} (row {r}); add it on the target GPU with scripts/bench_ops.py --no-torch "
+                              f"--shapes {c}/{h}/{s} --precisions {precision} --latency-out {path}")
+    return np.array([[measured[latency_key(op, shape, precision)] for op in spec.ops] for shape in shapes], np.float64)
 
 
 # ---------------------------------------------------------------------------------------------- the arch-loss term
