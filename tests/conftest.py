@@ -11,6 +11,27 @@ SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifa
 
 
 @pytest.fixture(scope="session")
+def xla_cache(tmp_path_factory) -> Path:
+    """The session's persistent XLA compilation cache, empty at the start as on a fresh clone. One per pytest-xdist
+    worker (``getbasetemp`` is per worker): JAX writes an entry in place, so two processes filling one directory at
+    once could read a half-written entry and warn on stderr, which the one-line-error tests would see."""
+    path = tmp_path_factory.getbasetemp() / "xla_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_xla_cache(xla_cache):
+    """Every CLI run of the session, in-process or a subprocess, caches every program it compiles in
+    :func:`xla_cache` (never ``~/.cache``), so a later run of the same shapes loads it instead of compiling."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ASOSE_JAX_CACHE", str(xla_cache))
+    patch.setenv("ASOSE_JAX_CACHE_MIN_COMPILE_S", "0")
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
 def cifar10_dir(tmp_path_factory) -> Path:
     """The real CIFAR-10 as a ``cifar-10-batches-py`` dir, restored once per session from the shared pack."""
     if not (SHARED_CIFAR10 / "restore.py").is_file():

@@ -26,20 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no-progress"]
 
 
-@pytest.fixture(scope="session")
-def xla_cache(tmp_path_factory) -> Path:
-    """The session's persistent compilation cache (the same directory test_resume uses)."""
-    path = tmp_path_factory.getbasetemp() / "xla_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(xla_cache, monkeypatch):
-    # in-process runs that get as far as enable_compilation_cache() must not write to ~/.cache
-    monkeypatch.setenv("ASOSE_JAX_CACHE", str(xla_cache))
-
-
 def run_main(capsys, argv, main=search.main) -> tuple[int, str]:
     """(exit code, stderr) of an in-process CLI call; usage errors exit through SystemExit."""
     capsys.readouterr()

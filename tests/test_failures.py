@@ -4,7 +4,7 @@ a workdir that the corrected command can use.
 
 In-process calls (``run_main``) where only the exit code and the message matter; subprocesses of the real
 commands where stderr as a user sees it is the point (late tracebacks, a full disk, Ctrl-C during the exit).
-They share the session's persistent XLA cache with test_resume and test_cli_errors.
+They share the session's persistent XLA cache (conftest.xla_cache).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from asose_jax import cli, final, search
 from asose_jax.config import Config, apply_overrides, describe, leaves, load_config_file, preset_path, ranges, validate
 from asose_jax.errors import CheckpointError, ConfigError
 from asose_jax.estimate import FirstStepsEstimate
-from test_cli_errors import run_main, xla_cache  # noqa: F401 (a fixture)
+from test_cli_errors import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no-progress"]
@@ -36,12 +36,6 @@ GENOTYPE = {"skeleton": "resnet", "stem_channels": 8, "num_classes": 10, "ops": 
             "blocks": [{"c_in": 8, "c_out": 8, "stride": 1}, {"c_in": 8, "c_out": 16, "stride": 2}]}
 DISK_FULL = ("RESOURCE_EXHAUSTED: Error writing local file \"state/_sharding\": Failed to write 16807 bytes to file 4: "
              "No space left on device [os_error_code='28']")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(xla_cache, monkeypatch):
-    monkeypatch.setenv("ASOSE_JAX_CACHE", str(xla_cache))
-    monkeypatch.setenv("ASOSE_JAX_CACHE_MIN_COMPILE_S", "0")
 
 
 def env(cache: Path) -> dict:

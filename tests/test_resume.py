@@ -37,14 +37,6 @@ POLL_S = 0.05
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope="session")
-def xla_cache(tmp_path_factory) -> Path:
-    """One persistent compilation cache for every subprocess of the session (shared with test_cli_errors)."""
-    path = tmp_path_factory.getbasetemp() / "xla_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def _env(cache: Path) -> dict:
     return {**os.environ, "ASOSE_JAX_CACHE": str(cache), "ASOSE_JAX_CACHE_MIN_COMPILE_S": "0",
             "JAX_PLATFORMS": "cpu"}

@@ -5,8 +5,8 @@
 * ``--help`` documents every flag of the parser;
 * when the shared CIFAR-10 pack exists: a mini run on a small real subset (``realdata``).
 
-The runs share one compilation-cache directory (a session temp dir, so the first run is cold as on a
-fresh clone): the real-data run has the same shapes as the smoke run and reuses its programs.
+The runs share one compilation-cache directory of their own (so the first run is cold as on a fresh clone,
+whatever ran before it): the real-data run has the same shapes as the smoke run and reuses its programs.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ EPOCH_FIELDS = ("cycle", "phase", "epoch", "step", "loss", "acc", "split", "tau"
 
 
 @pytest.fixture(scope="session")
-def xla_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xla_cache")
+def cold_xla_cache(tmp_path_factory) -> Path:
+    """A cache of these runs alone (not conftest's session cache), so the smoke run compiles everything."""
+    return tmp_path_factory.mktemp("cold_xla_cache")
 
 
 def run_cli(args: list[str], cache: Path | None = None, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
@@ -49,9 +50,9 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, xla_cache):
+def smoke_run(tmp_path_factory, cold_xla_cache):
     workdir = tmp_path_factory.mktemp("smoke") / "run"  # a new directory, as a user would pass
-    proc, wall = run_cli(["--preset", "smoke", "--workdir", str(workdir), "--no-progress"], xla_cache)
+    proc, wall = run_cli(["--preset", "smoke", "--workdir", str(workdir), "--no-progress"], cold_xla_cache)
     return workdir, proc, wall
 
 
@@ -131,12 +132,12 @@ def test_help_documents_every_flag():
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_real_cifar10_mini_run(cifar10_dir, tmp_path, xla_cache):
+def test_real_cifar10_mini_run(cifar10_dir, tmp_path, cold_xla_cache):
     workdir = tmp_path / "real"
     proc, wall = run_cli(["--preset", "smoke", "--workdir", str(workdir), "--no-progress",
                           "--set", "data.source=dir", "--set", f"data.dir={cifar10_dir}",
                           "--set", "data.train_subset=512", "--set", "data.test_subset=256",
-                          "--set", "data.arch_val_size=256"], xla_cache)
+                          "--set", "data.arch_val_size=256"], cold_xla_cache)
     assert proc.returncode == 0, _tail(proc)
     assert (workdir / "genotype.json").is_file()
     cfg = json.loads((workdir / "config.json").read_text())["config"]

@@ -150,11 +150,6 @@ def test_a_study_workdir_in_use_is_refused_in_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("study_xla_cache")
-
-
 def _env(cache: Path) -> dict:
     return {**os.environ, "ASOSE_JAX_CACHE": str(cache), "ASOSE_JAX_CACHE_MIN_COMPILE_S": "0", "JAX_PLATFORMS": "cpu"}
 
