@@ -38,6 +38,7 @@ TINY = ["--preset", "smoke", "--no-progress", "--set", "mixed_op.dispatch=switch
         "--set", "growth.every=1", "--set", "growth.kinds=widen",
         "--set", "checkpoint.every_steps=4", "--set", "checkpoint.max_to_keep=100"]
 # checkpoints of TINY: 0 weight step 4/8, 1 weight end, 2 arch end, 3 growth, 4 retrain step 4/8, 5 retrain end, 6 end
+NO_GROWTH = ["--set", "growth.enabled=false"]  # the many-process test: half the programs to compile
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 REL_TOL = 1e-5
 RUN_TIMEOUT_S = 300
@@ -71,15 +72,16 @@ def search_on(cache: Path, devices: int, workdir: Path, *extra: str, rc: int = 0
 
 @pytest.fixture(scope="module")
 def searched(xla_cache, tmp_path_factory):
-    """``searched(n)``: the workdir of TINY searched on one process of ``n`` devices (run once per module)."""
-    runs: dict[int, Path] = {}
+    """``searched(n, *extra)``: the workdir of TINY (plus ``extra``) searched on one process of ``n`` devices (run
+    once per module)."""
+    runs: dict[tuple, Path] = {}
 
-    def run(devices: int) -> Path:
-        if devices not in runs:
+    def run(devices: int, *extra: str) -> Path:
+        if (devices, *extra) not in runs:
             workdir = tmp_path_factory.mktemp(f"devices{devices}") / "run"
-            search_on(xla_cache, devices, workdir)
-            runs[devices] = workdir
-        return runs[devices]
+            search_on(xla_cache, devices, workdir, *extra)
+            runs[(devices, *extra)] = workdir
+        return runs[(devices, *extra)]
     return run
 
 
@@ -142,8 +144,9 @@ def test_a_search_on_more_devices_finds_the_one_device_genotype(searched, device
 
 
 def test_two_processes_of_two_devices_find_the_genotype_of_one_process_of_four(xla_cache, searched, tmp_path):
+    """Without growth, to compile half as much (a many-process growth ran by hand: docs/scaling.md)."""
     workdir, port = tmp_path / "two_processes", free_port()
-    procs = [subprocess.Popen(command(workdir, "--set", f"parallel.coordinator=127.0.0.1:{port}",
+    procs = [subprocess.Popen(command(workdir, *NO_GROWTH, "--set", f"parallel.coordinator=127.0.0.1:{port}",
                                       "--set", "parallel.num_processes=2", "--set", f"parallel.process_id={pid}",
                                       "--set", "parallel.timeout_s=120"),
                               cwd=ROOT, env=env(xla_cache, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -156,7 +159,7 @@ def test_two_processes_of_two_devices_find_the_genotype_of_one_process_of_four(x
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
     assert "done in" in errs[0] and "done in" not in errs[1]  # process 0 logs the run, process 1 only warns
-    assert_same_search(searched(4), workdir)
+    assert_same_search(searched(4, *NO_GROWTH), workdir)
 
 
 @pytest.mark.parametrize("saved_on, resumed_on", [(8, 1), (1, 8)])
