@@ -191,19 +191,22 @@ def test_killed_right_after_growths_then_resumed(xla_cache, reference, killed_af
     assert_same_result(reference, workdir)
 
 
-ROUTED = ("--set", "mixed_op.mode=routed", "--set", "mixed_op.arch_mode=dense")
+# Two cycles without retraining (checkpoint 10 is cycle 2's weight step 3): the kill lands in cycle 2, and a third
+# cycle or a retrain after the cycle-2 widen would only add compiles of routed weight steps of other nets.
+ROUTED = ("--set", "mixed_op.mode=routed", "--set", "mixed_op.arch_mode=dense", "--set", "cycle.max_cycles=2",
+          "--set", "cycle.retrain_epochs=0")
 
 
 def test_a_routed_search_killed_mid_epoch_after_a_growth_resumes_bit_exact(xla_cache, tmp_path):
     """Routed weight steps draw their permutations from the step's key: SIGKILL at cycle 2's weight step 3 (the
-    deepened net), re-run: the result equals the uninterrupted routed run's."""
+    deepened net), re-run: the result (the cycle-2 widen included) equals the uninterrupted routed run's."""
     reference = tmp_path / "reference"
     run_search(xla_cache, reference, ROUTED)
     workdir = tmp_path / "run"
     extra = ROUTED + ("--set", "checkpoint.every_steps=3")
-    interrupt_at(xla_cache, workdir, 13, extra)
+    interrupt_at(xla_cache, workdir, 10, extra)
     line = resumed_line(run_search(xla_cache, workdir, extra).stderr)
-    assert "resumed from checkpoint 13 " in line and "cycle 2 weight epoch 1/1, step 3/8 of the epoch" in line, line
+    assert "resumed from checkpoint 10 " in line and "cycle 2 weight epoch 1/1, step 3/8 of the epoch" in line, line
     assert_same_result(reference, workdir)
 
 
