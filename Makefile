@@ -43,8 +43,11 @@ $(INSTALLED_TORCH): | $(VPY)
 install-torch: venv
 	$(PIP) install torch==$(TORCH_VERSION) && $(PIP) install -e '.[torch]' && touch $(INSTALLED_TORCH)
 
+# Two pytest-xdist workers (XLA's CPU compiles are mostly single-threaded, so two keep 2 cores busy); each test file
+# runs whole on one worker, so its module fixtures (a reference search, say) run once, and the files go out in
+# collection order (tests/conftest.py puts the longest first).
 test: $(INSTALLED_TEST) $(INSTALLED_TORCH)
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The default search (configs/default.py); extra flags with ARGS, e.g.
 #   make search ARGS="--workdir runs/try1 --set cycle.max_cycles=2"
