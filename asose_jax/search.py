@@ -31,8 +31,9 @@ def build_parser():
 def run_search(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     """Load data, resume or start, run every task, write genotype, plots and summary; returns the result.
 
-    Whatever can refuse the run (the data, the batch size against it, the checkpoints, the final training's
-    checkpoints) is checked before ``config.json`` is written. With ``final.enabled`` the derived network is
+    Whatever can refuse the run (the device mesh against the batch size and the engine, the data, the batch size
+    against it, the checkpoints, the final training's checkpoints) is checked before ``config.json`` is written,
+    and before anything compiles. With many processes only process 0 writes the workdir's files. With ``final.enabled`` the derived network is
     trained after the search (``asose_jax.final``, which resumes from ``workdir/final_checkpoints``; the
     search above then restores as "all tasks done")."""
     import jax
