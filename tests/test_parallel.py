@@ -46,15 +46,8 @@ RUN_TIMEOUT_S = 300
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope="session")
-def xla_cache(tmp_path_factory) -> Path:
-    """One persistent compilation cache for every subprocess of the session (shared with test_resume)."""
-    path = tmp_path_factory.getbasetemp() / "xla_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def env(cache: Path, devices: int) -> dict:
+    """A subprocess on ``devices`` simulated CPU devices, caching into the session's ``xla_cache`` (conftest)."""
     return {**os.environ, "ASOSE_JAX_CACHE": str(cache), "ASOSE_JAX_CACHE_MIN_COMPILE_S": "0", "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"}
 
