@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from asose_jax.ops import OP_REGISTRY
+from asose_jax.parallel import spread
 
 
 @dataclass(frozen=True)
@@ -183,14 +184,15 @@ def _apply_routed(ops, stride, params, stats, x, sel, train):
     """Every image through one op: ``x`` permuted by ``sel["perm"]`` ``[N]``, group k of :func:`group_bounds`
     through op k alone (its BN normalises over that group and its running statistics see only that group), the
     outputs put back in the original order. Coefficient 1; no conditional. An op whose group is empty
-    (``N < num_ops``) does not run: its statistics stay, its weights get no gradient."""
+    (``N < num_ops``) does not run: its statistics stay, its weights get no gradient. On a mesh of devices each
+    group is split over it (:func:`asose_jax.parallel.spread`): else XLA computes every group on every device."""
     perm = sel["perm"]
     xp = jnp.take(x, perm, axis=0, unique_indices=True)
     parts, new_stats = [], dict(stats)
     for name, (lo, hi) in zip(ops, group_bounds(x.shape[0], len(ops))):
         if hi > lo:
-            y, s = _branch(name, stride, train)(params, stats, xp[lo:hi])
-            parts.append(y)
+            y, s = _branch(name, stride, train)(params, stats, spread(xp[lo:hi]))
+            parts.append(spread(y))
             new_stats[name] = s[name]
     yp = jnp.concatenate(parts)
     return jnp.zeros_like(yp).at[perm].set(yp, unique_indices=True), new_stats

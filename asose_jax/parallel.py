@@ -10,6 +10,7 @@ processes). Results depend on the device count only through the order of float r
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -181,3 +182,18 @@ def place_dataset(array: np.ndarray, placement: Placement) -> jax.Array:
 def constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
     """Inside a jitted step: ask XLA to lay ``x`` out with ``sharding`` (no-op without one)."""
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def mesh_context(sharding: NamedSharding | None) -> contextlib.AbstractContextManager:
+    """Inside a jitted step: make the mesh of ``sharding`` the one that :func:`spread` reads (nothing without one)."""
+    return contextlib.nullcontext() if sharding is None else jax.sharding.use_abstract_mesh(sharding.mesh.abstract_mesh)
+
+
+def spread(x: jax.Array) -> jax.Array:
+    """Under :func:`mesh_context` of more than one device, ``x``'s leading (batch) axis split over the mesh; else
+    ``x`` unchanged. For the arrays that XLA would otherwise keep whole on every device: the routed mode's groups,
+    cut from a permutation of the global batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(mesh.axis_names))

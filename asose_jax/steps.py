@@ -23,7 +23,7 @@ from asose_jax.config import Config, check
 from asose_jax.data import augment_batch, normalize
 from asose_jax.errors import ConfigError
 from asose_jax.model import NetSpec, apply_network
-from asose_jax.parallel import Placement, constrain
+from asose_jax.parallel import Placement, constrain, mesh_context
 from asose_jax.single_path import SinglePathSteps
 from asose_jax.train_state import (TrainState, apply_alpha_grads, apply_weight_grads, arch_optimizer, compute_dtype,
                                    cross_entropy, tau_schedule, weight_optimizer)
@@ -187,7 +187,8 @@ def train_weights(spec: NetSpec, cfg: Config, steps_per_epoch: int, state: Train
     def loss_fn(params):
         logits, stats = _train_logits(spec, cfg, params, state.batch_stats, alpha, x, k_arch, tau, choice)
         return cross_entropy(logits, y, cfg.optim.label_smoothing), (logits, stats)
-    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    with mesh_context(batch):  # the routed mode splits its groups over this mesh
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return apply_weight_grads(state, weight_optimizer(cfg, steps_per_epoch), grads, stats, loss, _correct(logits, y),
                               y.shape[0])
 
@@ -209,7 +210,8 @@ def train_alpha(spec: NetSpec, cfg: Config, cost_table: jax.Array | None, state:
         if cfg.arch.cost_weight > 0:  # a Python branch: with no weight the program is the plain arch loss's
             return ce + cfg.arch.cost_weight * cost.expected_cost(alpha, cost_table), (ce, logits, stats)
         return ce, (ce, logits, stats)
-    (_, (loss, logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.alpha)
+    with mesh_context(batch):
+        (_, (loss, logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.alpha)
     return apply_alpha_grads(state, arch_optimizer(cfg), grads, stats, loss, _correct(logits, y), y.shape[0])
 
 

@@ -252,16 +252,23 @@ def test_the_mesh_of_one_device_and_its_shardings():
 
 
 def test_a_batch_splits_over_a_mesh_of_eight(xla_cache):
-    """Mesh sizes and the batch's shards, in a process of 8 simulated devices."""
+    """Mesh sizes and the batch's shards, in a process of 8 simulated devices; ``spread`` splits a routed group
+    (a slice of the replicated batch) under the step's mesh context, and leaves it whole without one."""
     code = ("import jax, numpy as np; from asose_jax import parallel; from asose_jax.config import ParallelConfig\n"
             "for n in ('auto', '2', '8'):\n"
             "    p = parallel.make_placement(ParallelConfig(devices=n))\n"
             "    x = jax.jit(lambda a: parallel.constrain(a * 1, p.batch))(parallel.place_dataset(np.zeros((16, 3)), p))\n"
-            "    print(p.size, x.sharding.shard_shape(x.shape), len(x.addressable_shards))\n")
+            "    print(p.size, x.sharding.shard_shape(x.shape), len(x.addressable_shards))\n"
+            "def group(a, batch):\n"
+            "    with parallel.mesh_context(batch):\n"
+            "        return parallel.spread(a[2:10] * 1)\n"
+            "for batch in (p.batch, None):\n"
+            "    g = jax.jit(group, static_argnums=1)(parallel.place_dataset(np.zeros((16, 3)), p), batch)\n"
+            "    print(g.sharding.shard_shape(g.shape))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(xla_cache, 8), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:3] == ["8 (2, 3) 8", "2 (8, 3) 2", "8 (2, 3) 8"]
+    assert out.stdout.split("\n")[:5] == ["8 (2, 3) 8", "2 (8, 3) 2", "8 (2, 3) 8", "(1, 3)", "(8, 3)"]
 
 
 def test_check_devices_refuses_an_uneven_batch_and_the_host_engine():
