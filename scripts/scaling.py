@@ -4,10 +4,11 @@
     python scripts/scaling.py --measure 8           # and the CPU measurement on 8 simulated devices
 
 Paper: for each preset, the weights of its initial supernet (the gradient all-reduced each weight step, fp32), the
-number of all-reduces in its one-program weight step partitioned over 8 devices, the share of the step's XLA FLOPs
-that each of the 8 devices computes (1/8 when the step partitions fully), and the predicted speed-up at N GPUs:
-``t(N) = t(1) / N + ring all-reduce (2 (N-1) / N * bytes / bandwidth) + latency * all-reduces``, with no overlap
-of communication and compute (a lower bound: XLA on GPUs overlaps the gradient all-reduce with the backward pass).
+collectives in its one-program weight step partitioned over 8 devices, the share of the step's XLA FLOPs that each
+of the 8 devices computes (1/8 when the step partitions fully), and the predicted speed-up at N GPUs:
+``t(N) = t(1) / N * (8 * share) + ring all-reduce (2 (N-1) / N * bytes / bandwidth) + latency * collectives``,
+with the share and the collectives of 8 devices, and no overlap of communication and compute (a lower bound: XLA on
+GPUs overlaps the gradient all-reduce with the backward pass).
 ``t(1)`` is the step's work (``STEP_GFLOP``: the one-op-per-image floor of docs/benchmarks.md, run CF) at the
 effective throughput ``--tflops``.
 
@@ -81,6 +82,13 @@ def all_reduces(compiled) -> list[int]:
     return sizes
 
 
+def collectives(compiled) -> dict[str, int]:
+    """How many of each collective a compiled program holds."""
+    text = compiled.as_text()
+    return {kind: text.count(f" {kind}(") + text.count(f" {kind}-start(")
+            for kind in ("all-reduce", "all-gather", "all-to-all", "collective-permute")}
+
+
 def np_prod(dims: str) -> int:
     out = 1
     for d in filter(None, dims.split(",")):
@@ -98,7 +106,8 @@ def paper(name: str, tflops: float) -> dict:
         cost = compiled.cost_analysis()
         per_device[n] = float((cost[0] if isinstance(cost, list) else cost)["flops"])  # of one device's program
     weights = count_params(inputs[0].params)
-    reduces = all_reduces(compiled)
+    reduces, counts = all_reduces(compiled), collectives(compiled)
+    imbalance = 8 * per_device[8] / per_device[1]  # 1 when each device computes exactly its 1/8
     flops = STEP_GFLOP[name] * 1e9
     t1 = flops / (tflops * 1e12)
     grad_bytes = 4 * weights
@@ -106,13 +115,14 @@ def paper(name: str, tflops: float) -> dict:
     for link, gbps in LINKS_GBPS.items():
         speed = {}
         for n in SIZES:
-            comm = 2 * (n - 1) / n * grad_bytes / (gbps * 1e9) + LATENCY_US[link] * 1e-6 * len(reduces)
-            speed[n] = round(t1 / (t1 / n + comm), 2)
+            comm = 2 * (n - 1) / n * grad_bytes / (gbps * 1e9) + LATENCY_US[link] * 1e-6 * sum(counts.values())
+            speed[n] = round(t1 / (t1 / n * imbalance + comm), 2)
         rows[link] = speed
     return {"preset": name, "mode": cfg.mixed_op.mode, "batch": cfg.data.batch_size, "weights": weights,
             "grad_MB": round(grad_bytes / 1e6, 2), "step_GFLOP": round(flops / 1e9, 1),
             "flop_per_grad_byte": round(flops / grad_bytes), "t1_ms": round(1e3 * t1, 2),
-            "all_reduces_on_8": len(reduces), "device_share_on_8": round(per_device[8] / per_device[1], 3),
+            "all_reduces_on_8": len(reduces), "collectives_on_8": counts,
+            "device_share_on_8": round(per_device[8] / per_device[1], 3),
             "speedup": rows}
 
 
