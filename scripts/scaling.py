@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -78,7 +79,7 @@ def all_reduces(compiled) -> list[int]:
     for line in compiled.as_text().splitlines():
         if " all-reduce(" in line or " all-reduce-start(" in line:
             shapes = re.findall(r"[fsu](?:32|16|64)\[([\d,]*)\]", line.split("=")[1].split("all-reduce")[0])
-            sizes.append(sum(int(np_prod(s)) for s in shapes))
+            sizes.append(sum(math.prod(int(d) for d in dims.split(",") if d) for dims in shapes))
     return sizes
 
 
@@ -87,13 +88,6 @@ def collectives(compiled) -> dict[str, int]:
     text = compiled.as_text()
     return {kind: text.count(f" {kind}(") + text.count(f" {kind}-start(")
             for kind in ("all-reduce", "all-gather", "all-to-all", "collective-permute")}
-
-
-def np_prod(dims: str) -> int:
-    out = 1
-    for d in filter(None, dims.split(",")):
-        out *= int(d)
-    return out
 
 
 def paper(name: str, tflops: float) -> dict:
