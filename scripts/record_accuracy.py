@@ -49,8 +49,10 @@ def build_record(args) -> dict:
         curve += [[r["wall_s"], r["val_acc"], "arch-val accuracy (search)"] for r in _jsonl(run / "metrics.jsonl")
                   if r.get("event") == "cycle_end"]
     what = f"test accuracy, {tta_label(final)} (final training)"
-    curve += [[search_wall + r["wall_s"], r["test_acc_tta"], what]
-              for r in _jsonl(final_dir / "final_metrics.jsonl") if "test_acc_tta" in r]
+    for r in _jsonl(final_dir / "final_metrics.jsonl"):  # runs with final.val_size > 0 evaluate the val split
+        split = "test" if "test_acc_tta" in r else "val" if "val_acc_tta" in r else None
+        if split:
+            curve.append([search_wall + r["wall_s"], r[f"{split}_acc_tta"], what.replace("test", split, 1)])
     total = search_wall + float(final["wall_s"])
     curve.append([total, final["test_acc_tta"], what])
     best_tta = final["test_acc_tta"] >= final["test_acc"]

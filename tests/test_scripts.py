@@ -2,6 +2,7 @@
 run and which op choices the warm-up of `benchlib` forces, how `ablation_genotypes.py` keeps a searched genotype's
 layout, how `benchlib` splits a trace, how `probe_conditionals.py` reads an optimised HLO, how `gpu_busy.py` counts a
 step's conditionals, which `record_accuracy.py` records meet issue [E]'s bar, and what `compare_modes.py` records."""
+import argparse
 import json
 import subprocess
 import sys
@@ -175,6 +176,22 @@ def test_meets_bar_needs_a_search_at_95_within_900_s():
     assert not record_accuracy.meets_bar({**run, "test_acc": 94.67, "test_acc_tta": 94.99})
     assert not record_accuracy.meets_bar({**run, "kind": "all_sep_conv_3x3 (run 5 blocks, v6 recipe)"})  # an ablation
     assert not record_accuracy.meets_bar({**run, "test_acc": None, "test_acc_tta": None})  # a failed run
+
+
+def test_record_curve_labels_the_final_trainings_val_points_as_val(tmp_path):
+    """A final training with ``final.val_size > 0`` logs val accuracy per epoch; the curve says so, and its last
+    point is the test accuracy."""
+    final = {"wall_s": 10.0, "test_acc": 90.0, "test_acc_tta": 91.0, "tta": "flip", "params": 5,
+             "genotype": {"ops": ["sep_conv_3x3"]}, "device": "cpu"}
+    (tmp_path / "final.json").write_text(json.dumps(final))
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"seed": 0}}))
+    rows = [{"event": "final_epoch", "wall_s": 5.0, "val_acc": 80.0, "val_acc_tta": 81.0}]
+    (tmp_path / "final_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = argparse.Namespace(run=None, final_dir=str(tmp_path), config="c.py", kind="searched", process_wall_s=None,
+                              date="2026-12-06")
+    curve = record_accuracy.build_record(args)["curve"]
+    assert [p[:2] for p in curve] == [[5.0, 81.0], [10.0, 91.0]]
+    assert curve[0][2].startswith("val accuracy") and curve[1][2].startswith("test accuracy")
 
 
 def test_conditionals_per_step_counts_each_mixed_op_forward_and_backward(tmp_path):
