@@ -60,6 +60,14 @@ def checkpoint_ids(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def save_finished(workdir: Path, ckpt_id: int) -> bool:
+    """Checkpoint ``ckpt_id`` is on disk and its save has ended: Orbax wrote its ``commit_success.txt``, or a
+    later save began (Orbax waits for the previous save first). A kill sent earlier may land mid-save."""
+    ids = checkpoint_ids(workdir)
+    done = (workdir / "checkpoints" / str(ckpt_id) / "commit_success.txt").exists()
+    return ckpt_id in ids and (done or max(ids) > ckpt_id)
+
+
 def interrupt_at(cache: Path, workdir: Path, ckpt_id: int, extra=(), sig=signal.SIGKILL, trim: bool = True,
                  timeout_s: float = RUN_TIMEOUT_S) -> subprocess.Popen:
     """Start a run, send ``sig`` once checkpoint ``ckpt_id`` is finalised; with ``trim`` drop newer ones."""
@@ -68,7 +76,7 @@ def interrupt_at(cache: Path, workdir: Path, ckpt_id: int, extra=(), sig=signal.
                             stderr=log)
     deadline = time.monotonic() + timeout_s
     try:
-        while ckpt_id not in checkpoint_ids(workdir):
+        while not save_finished(workdir, ckpt_id):
             if proc.poll() is not None:
                 log.seek(0)
                 pytest.fail(f"run ended (exit {proc.returncode}) before checkpoint {ckpt_id}:\n{log.read()[-4000:]}")
