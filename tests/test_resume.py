@@ -163,7 +163,8 @@ def test_killed_mid_epoch_then_interrupted_then_resumed(xla_cache, reference, tm
     """SIGKILL mid-warmup (step 6/8), re-run; Ctrl-C mid-epoch in cycle 2 (grown net, step 3/4 of the arch
     epoch, the widen still to come), re-run to the end: the result equals the uninterrupted run's."""
     workdir = tmp_path / "run"
-    extra = ("--set", "checkpoint.every_steps=3")
+    # max_to_keep: the Ctrl-C may land several saves after 16, and the default (3) would then delete 16
+    extra = ("--set", "checkpoint.every_steps=3", "--set", "checkpoint.max_to_keep=100")
     first = interrupt_at(xla_cache, workdir, 1, extra)
     assert "resumed" not in first.log
 
@@ -176,7 +177,8 @@ def test_killed_mid_epoch_then_interrupted_then_resumed(xla_cache, reference, tm
     assert "Traceback" not in second.log
     leftovers = [p.name for p in (workdir / "checkpoints").iterdir() if not p.name.isdigit()]
     assert not leftovers, leftovers
-    for i in checkpoint_ids(workdir):  # resume from exactly 16 (the Ctrl-C may land a save or two later)
+    assert 16 in checkpoint_ids(workdir), checkpoint_ids(workdir)
+    for i in checkpoint_ids(workdir):  # resume from exactly 16 (the Ctrl-C may land a save or more later)
         if i > 16:
             shutil.rmtree(workdir / "checkpoints" / str(i))
 
