@@ -192,8 +192,10 @@ class Run:
         perm = place(epoch_permutation(self.cfg.seed, task.epoch_id, int(x.shape[0]), self.cfg.data.batch_size),
                      self.placement.replicated)
         if self.step_in_epoch == 0:
-            self.state = self.state.replace(sums=zero_sums(), cycle=jnp.int32(task.cycle),
-                                            phase=jnp.int32(PHASES.index(task.phase)))
+            # placed like the steps' outputs: an unplaced scalar is another input type, and the step would compile twice
+            self.state = self.state.replace(**place(
+                {"sums": zero_sums(), "cycle": jnp.int32(task.cycle), "phase": jnp.int32(PHASES.index(task.phase))},
+                self.placement.replicated))
         every = self.cfg.checkpoint.every_steps
         desc = f"cycle {task.cycle} {task.phase} {task.epoch + 1}"
         bar = tqdm(total=n_steps, initial=self.step_in_epoch, desc=desc, leave=False, disable=not self.progress,
