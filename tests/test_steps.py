@@ -217,3 +217,26 @@ def test_remat_keeps_only_the_block_inputs_between_the_host_engines_programs():
             for remat in (False, True)}
     inputs = _nbytes((prm, st, h))
     assert held[True] <= inputs + 1024 < held[False], (held, inputs)
+
+
+def test_each_step_program_compiles_once_over_phases(tmp_path):
+    """Two cycles of weight and arch epochs compile the weight and the arch step once each: the values a phase's
+    start writes into the state are placed like the steps' outputs (unplaced, they are another input type)."""
+    from asose_jax.config import CheckpointConfig, CycleConfig, GrowthConfig
+    from asose_jax.cycle import Run
+    from asose_jax.data import load_dataset
+
+    cfg = dataclasses.replace(
+        tiny_cfg(mode="routed", arch_mode="dense"),
+        data=DataConfig(source="synthetic", synthetic_train=96, synthetic_test=16, arch_val_size=32, batch_size=B,
+                        crop=False, flip=False),
+        cycle=CycleConfig(max_cycles=2, warmup_epochs=1, weight_epochs=1, arch_epochs=1, retrain_epochs=0,
+                          early_stop_cycles=0),
+        growth=GrowthConfig(enabled=False), checkpoint=CheckpointConfig(enabled=False))
+    run = Run(cfg, load_dataset(cfg.data, cfg.seed), tmp_path, progress=False)
+    run.init_state()
+    run.execute()
+    phases = [r["phase"] for r in run.metrics if "phase" in r]
+    assert phases.count("arch") == 2 and phases.count("weight") >= 2, phases
+    assert run.steps.weight_step._cache_size() == 1
+    assert run.steps._arch.arch_step._cache_size() == 1
