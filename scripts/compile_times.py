@@ -8,7 +8,8 @@ every (block shape, op) program an epoch of a real search meets), with one warm-
 weight epoch, an arch epoch, a growth (deepen, widen, branch in turn) and a retrain epoch, and one more arch epoch
 (so that each growth is followed by weight and arch steps). Every program's tracing,
 lowering and XLA compilation is timed through ``jax.monitoring`` (no persistent cache) and charged to the stage it
-happens in: ``start`` (up to the first growth: the first epochs and the first arch epoch), then ``after deepen``,
+happens in: ``first epoch`` (the initial state and the first warm-up epoch with its evaluation), ``rest of start``
+(up to the first growth: the other first epochs and the first arch epoch), then ``after deepen``,
 ``after widen``, ``after branch`` (the growth's own programs and the epochs after it). Prints one JSON line per
 stage (seconds per program name, with counts) and a markdown table.
 
@@ -34,6 +35,7 @@ SIZE_SETS = ["data.source=synthetic", "data.batch_size=16", "data.synthetic_trai
              "growth.strategy=cycle", "growth.kinds=deepen,widen,branch", "checkpoint.enabled=false"]
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
+PHASES = dict(zip(COMPILE_EVENTS, ("trace", "lower", "xla")))
 
 
 class CompileClock:
@@ -41,15 +43,17 @@ class CompileClock:
 
     def __init__(self):
         import jax
-        self.stage = "start"
+        self.stage = "first epoch"
         self.seconds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         jax.monitoring.register_event_duration_secs_listener(self._record)
 
     def _record(self, event: str, duration: float, **kwargs) -> None:
         if event in COMPILE_EVENTS:
             name = str(kwargs.get("fun_name", "?")).removeprefix("jit(").removesuffix(")")
             self.seconds[self.stage][name] += duration
+            self.phases[self.stage][PHASES[event]] += duration
             if event == COMPILE_EVENTS[-1]:
                 self.counts[self.stage][name] += 1
 
@@ -73,6 +77,13 @@ def measure(preset: str, engine: str) -> list[dict]:
             clock.stage = f"after {next(kinds)}"
             grow(task)
         run.run_grow = run_grow
+        epoch = run.run_epoch
+
+        def run_epoch(task):
+            epoch(task)
+            if clock.stage == "first epoch":
+                clock.stage = "rest of start"
+        run.run_epoch = run_epoch
         t0 = time.perf_counter()
         run.init_state()
         run.execute()
@@ -81,6 +92,7 @@ def measure(preset: str, engine: str) -> list[dict]:
     grown = [r["kind"] for r in run.metrics if r.get("event") == "growth"]
     assert grown == list(cfg.growth.kinds), grown
     return [{"preset": preset, "engine": engine, "stage": stage, "compile_s": sum(sec.values()),
+             "phases": {k: round(v, 2) for k, v in clock.phases[stage].items()},
              "programs": {k: round(v, 2) for k, v in sec.most_common()}, "compiles": dict(clock.counts[stage]),
              "run_wall_s": wall} for stage, sec in clock.seconds.items()]
 
