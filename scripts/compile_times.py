@@ -6,12 +6,12 @@ Runs the preset's network and steps in this process on synthetic data sized so t
 is what takes time (batch 16, 64 weight steps and 8 arch steps an epoch: enough draws that the host engine meets
 every (block shape, op) program an epoch of a real search meets), with one warm-up epoch, then three cycles of a
 weight epoch, an arch epoch, a growth (deepen, widen, branch in turn) and a retrain epoch, and one more arch epoch
-(so that each growth is followed by weight and arch steps). Every program's tracing,
-lowering and XLA compilation is timed through ``jax.monitoring`` (no persistent cache) and charged to the stage it
-happens in: ``first epoch`` (the initial state and the first warm-up epoch with its evaluation), ``rest of start``
-(up to the first growth: the other first epochs and the first arch epoch), then ``after deepen``,
-``after widen``, ``after branch`` (the growth's own programs and the epochs after it). Prints one JSON line per
-stage (seconds per program name, with counts) and a markdown table.
+(so that each growth is followed by weight and arch steps). Every program's tracing, lowering and XLA compilation
+is timed through ``jax.monitoring`` (no persistent cache unless ``--cache``) and charged to the stage it happens in:
+``first epoch`` (the initial state and the first warm-up epoch with its evaluation), ``rest of start`` (up to the
+first growth: the other first epochs and the first arch epoch), then ``after deepen``, ``after widen``, ``after
+branch`` (the growth's own programs and the epochs after it). Prints one JSON line per stage (seconds per program
+name, with counts) and a markdown table.
 
 Engines: ``host`` (``single``, host-dispatched blocks), ``switch`` (``single``, one program with ``lax.switch``),
 ``routed`` (routed weight steps, dense arch steps: no conditional).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import tempfile
 import time
 
@@ -101,8 +102,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", choices=list(ENGINE_SETS), required=True)
     ap.add_argument("--preset", default="default")
+    ap.add_argument("--cache", default=None, metavar="DIR",
+                    help="use the persistent compilation cache in DIR as the commands do (programs that compiled in "
+                         ">= 1 s are kept); a second run with the same DIR measures a warm start: another seed, a "
+                         "resume, a study's next search (a cache hit counts its retrieval as XLA time)")
     args = ap.parse_args()
+    if args.cache:
+        from asose_jax import cli
+        os.environ["ASOSE_JAX_CACHE"] = args.cache
+        cli.enable_compilation_cache()
     rows = measure(args.preset, args.engine)
+    for row in rows:
+        row["cache"] = args.cache
     for row in rows:
         print(json.dumps(row), flush=True)
     print("\n| engine | stage | compile s | programs (s, compilations) |\n|---|---|---|---|")
