@@ -113,9 +113,7 @@ def main() -> None:
         cli.enable_compilation_cache()
     rows = measure(args.preset, args.engine)
     for row in rows:
-        row["cache"] = args.cache
-    for row in rows:
-        print(json.dumps(row), flush=True)
+        print(json.dumps({**row, "cache": args.cache}), flush=True)
     print("\n| engine | stage | compile s | programs (s, compilations) |\n|---|---|---|---|")
     for r in rows:
         top = ", ".join(f"{k} {v:.1f} ({r['compiles'].get(k, 0)})" for k, v in list(r["programs"].items())[:4])

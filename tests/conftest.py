@@ -10,7 +10,8 @@ import pytest
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 # The longest test files (end-to-end searches and big compiles), collected first: `make test` hands whole files to
 # its two xdist workers in collection order, so the short files fill in behind these and both finish about together.
-LONGEST_FIRST = ("test_resume.py", "test_routed.py", "test_study.py", "test_parallel.py", "test_cost.py", "test_failures.py")
+LONGEST_FIRST = ("test_resume.py", "test_routed.py", "test_study.py", "test_parallel.py", "test_cost.py",
+                 "test_failures.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
