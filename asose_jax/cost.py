@@ -67,7 +67,7 @@ def forward_flops(fn, *args) -> float:
 def op_flops(op: str, shape: RowShape) -> float:
     """Flops of one forward pass of ``op`` at ``shape``, batch 1, inference mode (BN with running statistics)."""
     opdef = OP_REGISTRY[op]
-    params, stats = jax.eval_shape(lambda k: opdef.init(k, shape.channels, shape.stride), jax.random.PRNGKey(0))
+    params, stats = jax.eval_shape(lambda: opdef.init(np.random.default_rng(0), shape.channels, shape.stride))
     x = jax.ShapeDtypeStruct((1, shape.height, shape.height, shape.channels), jnp.float32)
     return forward_flops(lambda p, s, v: opdef.apply(p, s, v, shape.stride, False)[0], params, stats, x)
 
@@ -80,7 +80,7 @@ def flops_table(spec: NetSpec) -> np.ndarray:
 def network_cost(spec: NetSpec) -> tuple[float, int]:
     """``(flops per image, weights)`` of the fixed-op network ``spec`` (a genotype's final network): XLA's
     count of one inference-mode forward pass at batch 1, stem and head included. Nothing is allocated."""
-    params, stats = jax.eval_shape(lambda k: init_network(k, spec), jax.random.PRNGKey(0))
+    params, stats = jax.eval_shape(lambda: init_network(0, spec))
     x = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, spec.in_channels), jnp.float32)
     flops = forward_flops(lambda p, s, v: apply_network(spec, p, s, v, None, "fixed", False)[0], params, stats, x)
     return flops, count_params(params)

@@ -101,14 +101,14 @@ class Run:
     def init_state(self) -> None:
         m = self.cfg.model
         self.spec = build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
-        self.state = jax.jit(create_train_state, static_argnums=(1, 2, 3), out_shardings=self.placement.replicated)(
-            jax.random.PRNGKey(self.cfg.seed), self.spec, self.cfg, self.n_weight_steps)
+        self.state = create_train_state(self.cfg.seed, self.spec, self.cfg, self.n_weight_steps,
+                                        self.placement.replicated)
         self.steps = make_steps(self.spec, self.cfg, self.n_weight_steps, self.placement)
 
     def abstract_state(self, spec: NetSpec):
         """The state's shapes and dtypes, replicated on this run's mesh: a checkpoint restores onto it whatever
         the mesh that saved it."""
-        shapes = jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, self.cfg, self.n_weight_steps))
+        shapes = jax.eval_shape(lambda: create_train_state(0, spec, self.cfg, self.n_weight_steps))
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.placement.replicated),
                             shapes)
 

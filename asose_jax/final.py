@@ -49,6 +49,7 @@ logger = logging.getLogger("asose_jax")
 EPOCH_ID_OFFSET = 10_000  # epoch order: epoch_permutation(seed, EPOCH_ID_OFFSET + epoch, ...)
 STOP_AFTER_EPOCH_ENV = "ASOSE_STOP_AFTER_EPOCH"
 VAL_SPLIT_STREAM = 0x5A1  # the held-out split's permutation: default_rng([seed, VAL_SPLIT_STREAM])
+FINAL_STREAM = 0xF1A1  # the final network's weights (default_rng((seed, FINAL_STREAM))) and run key (fold_in)
 
 
 def apply_final(spec: NetSpec, params: dict, stats: dict, x: jax.Array, train: bool,
@@ -144,14 +145,17 @@ def make_final_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> FinalS
     tx = final_optimizer(cfg, steps_per_epoch)
     schedule = lr_schedule(cfg, steps_per_epoch)
 
-    def init() -> FinalState:
-        # weights from an "rbg" key: far cheaper to compile than threefry (one kernel per leaf) on CPU
-        k_net = jax.random.key(cfg.seed, impl="rbg")
-        k_run = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xF1A1)
-        params, stats = init_network(k_net, spec, f.path_scale_init)
+    @jax.jit
+    def state_around(params, stats) -> FinalState:
+        k_run = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), FINAL_STREAM)
         ema = jax.tree.map(jnp.copy, params) if f.ema_decay > 0 else {}
         return FinalState(params=params, batch_stats=stats, opt_state=tx.init(params), ema=ema, key=k_run,
                           step=jnp.zeros((), jnp.int32), sums=zero_sums())
+
+    def init() -> FinalState:
+        """Weights drawn on the host (``model.init_network``: nothing to compile) from the seed's final-training
+        stream, the rest in one small jitted program."""
+        return state_around(*init_network(np.random.default_rng((cfg.seed, FINAL_STREAM)), spec, f.path_scale_init))
 
     def train_step(state: FinalState, x_all, y_all, perm, i) -> FinalState:
         idx = jax.lax.dynamic_index_in_dim(perm, i, keepdims=False)
@@ -183,7 +187,7 @@ def make_final_steps(spec: NetSpec, cfg: Config, steps_per_epoch: int) -> FinalS
         tta = jnp.sum((jnp.argmax(logits_tta, -1) == y) & mask)
         return plain, tta
 
-    return FinalSteps(init=jax.jit(init), train_step=jax.jit(train_step, donate_argnums=0),
+    return FinalSteps(init=init, train_step=jax.jit(train_step, donate_argnums=0),
                       eval_batch=jax.jit(eval_batch), lr=schedule)
 
 

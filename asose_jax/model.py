@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from asose_jax import mixed_op
 from asose_jax.ops import (
@@ -33,6 +34,7 @@ from asose_jax.ops import (
     conv2d,
     conv_init,
     exact_precision,
+    host_rng,
     relu,
 )
 
@@ -118,40 +120,43 @@ def uses_path_scale(block: BlockSpec) -> bool:
 
 # ---------------------------------------------------------------------------------------------- init
 
-def init_path(key: jax.Array, ops, c: int, stride: int) -> tuple[dict, dict]:
-    """Params and BN stats of one mixed op: ``{op_name: ...}``."""
+def init_path(seed, ops, c: int, stride: int) -> tuple[dict, dict]:
+    """Params and BN stats of one mixed op: ``{op_name: ...}``, host arrays; each op draws from its own child of
+    ``host_rng(seed)`` (``seed``: an int, a concrete JAX key or a numpy ``Generator``)."""
     params, stats = {}, {}
-    for name, k in zip(ops, jax.random.split(key, len(ops))):
-        params[name], stats[name] = OP_REGISTRY[name].init(k, c, stride)
+    for name, rng in zip(ops, host_rng(seed).spawn(len(ops))):
+        params[name], stats[name] = OP_REGISTRY[name].init(rng, c, stride)
     return params, stats
 
 
-def init_conv_bn(key: jax.Array, k: int, c_in: int, c_out: int) -> tuple[dict, dict]:
+def init_conv_bn(rng: np.random.Generator, k: int, c_in: int, c_out: int) -> tuple[dict, dict]:
     """A k x k conv with an affine BN (the stem and the input convs): params and BN stats."""
-    params = {"w": conv_init(key, k, k, c_in, c_out), "scale": jnp.ones((c_out,)), "bias": jnp.zeros((c_out,))}
+    params = {"w": conv_init(rng, k, k, c_in, c_out), "scale": np.ones((c_out,), np.float32),
+              "bias": np.zeros((c_out,), np.float32)}
     return params, bn_stats_init(c_out)
 
 
-def init_block(key: jax.Array, spec: NetSpec, block: BlockSpec, first_row: int = 0,
+def init_block(seed, spec: NetSpec, block: BlockSpec, first_row: int = 0,
                path_scale_init: float = 1.0) -> tuple[dict, dict]:
-    """Input conv, paths and path scales of one block. In a fixed-op spec, path ``p`` holds only the op of row
-    ``first_row + p``; ``path_scale_init`` is the initial residual scale of every path."""
-    k_in, k_paths = jax.random.split(key)
+    """Input conv, paths and path scales of one block (host arrays from ``host_rng(seed)``). In a fixed-op spec,
+    path ``p`` holds only the op of row ``first_row + p``; ``path_scale_init`` is the initial residual scale of
+    every path."""
+    r_in, r_paths = host_rng(seed).spawn(2)
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     if block.input_conv:
-        params["input_conv"], stats["input_conv"] = init_conv_bn(k_in, block.input_conv, block.c_in, block.c_out)
-    keys = jax.random.split(k_paths, block.n_paths)
-    if spec.fixed_ops:  # {op: ...} with the path's one op, drawn from the path's key itself
+        params["input_conv"], stats["input_conv"] = init_conv_bn(r_in, block.input_conv, block.c_in, block.c_out)
+    rngs = r_paths.spawn(block.n_paths)
+    if spec.fixed_ops:  # {op: ...} with the path's one op, drawn from the path's generator itself
         names = [spec.ops[i] for i in spec.fixed_ops[first_row:first_row + block.n_paths]]
-        inits = [OP_REGISTRY[n].init(k, block.c_out, block.op_stride) for n, k in zip(names, keys)]
+        inits = [OP_REGISTRY[n].init(r, block.c_out, block.op_stride) for n, r in zip(names, rngs)]
         paths = [({n: p}, {n: s}) for n, (p, s) in zip(names, inits)]
     else:
-        paths = [init_path(k, spec.ops, block.c_out, block.op_stride) for k in keys]
+        paths = [init_path(r, spec.ops, block.c_out, block.op_stride) for r in rngs]
     params["paths"] = [p for p, _ in paths]
     stats["paths"] = [s for _, s in paths]
     if uses_path_scale(block):
-        params["path_scale"] = jnp.full((block.n_paths,), path_scale_init, jnp.float32)
+        params["path_scale"] = np.full((block.n_paths,), path_scale_init, np.float32)
     return params, stats
 
 
@@ -161,19 +166,20 @@ def apply_head(params: dict, h: jax.Array) -> jax.Array:
     return jnp.dot(pooled, params["w"], precision=exact_precision(pooled.dtype)) + params["b"]
 
 
-def init_network(key: jax.Array, spec: NetSpec, path_scale_init: float = 1.0) -> tuple[dict, dict]:
-    """Weights and BN running statistics of the whole network (supernet, or fixed-op network)."""
-    k_stem, k_blocks, k_head_w, k_head_b = jax.random.split(key, 4)
+def init_network(seed, spec: NetSpec, path_scale_init: float = 1.0) -> tuple[dict, dict]:
+    """Weights and BN running statistics of the whole network (supernet, or fixed-op network): float32 host
+    arrays drawn from ``host_rng(seed)`` (an int, a concrete JAX key or a numpy ``Generator``), no compilation."""
+    r_stem, r_blocks, r_head = host_rng(seed).spawn(3)
     c0, c_last = spec.stem_channels, spec.blocks[-1].c_out
-    stem_params, stem_stats = init_conv_bn(k_stem, 3, spec.in_channels, c0)
+    stem_params, stem_stats = init_conv_bn(r_stem, 3, spec.in_channels, c0)
     params, stats = {"stem": stem_params}, {"stem": stem_stats}
-    blocks = [init_block(k, spec, b, off, path_scale_init)
-              for k, b, off in zip(jax.random.split(k_blocks, len(spec.blocks)), spec.blocks, spec.row_offsets())]
+    blocks = [init_block(r, spec, b, off, path_scale_init)
+              for r, b, off in zip(r_blocks.spawn(len(spec.blocks)), spec.blocks, spec.row_offsets())]
     params["blocks"] = [p for p, _ in blocks]
     stats["blocks"] = [s for _, s in blocks]
     bound = 1.0 / math.sqrt(c_last)  # the linear head, {"w": [C, classes], "b": [classes]}: PyTorch's default init
-    params["head"] = {"w": jax.random.uniform(k_head_w, (c_last, spec.num_classes), jnp.float32, -bound, bound),
-                      "b": jax.random.uniform(k_head_b, (spec.num_classes,), jnp.float32, -bound, bound)}
+    params["head"] = {"w": r_head.uniform(-bound, bound, (c_last, spec.num_classes)).astype(np.float32),
+                      "b": r_head.uniform(-bound, bound, (spec.num_classes,)).astype(np.float32)}
     return params, stats
 
 

@@ -8,7 +8,10 @@ order). ``conv_3x3`` is our deliberate addition (ReLU, full 3x3 conv, BN); it is
 Parameters are plain dicts of arrays (``params``) with a parallel dict of BatchNorm running statistics
 (``stats``). Weights are stored in float32; ``apply`` computes in ``x.dtype`` (bf16 or fp32). Init
 follows PyTorch's defaults (kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))) so the
-PyTorch baseline and this port start from the same distribution.
+PyTorch baseline and this port start from the same distribution. ``init`` draws on the host from a numpy
+``Generator``, as PyTorch does: creating parameters compiles no program (one XLA threefry loop per weight
+took 9 s to compile for the default supernet on a CPU, docs/benchmarks.md "Compile time"), and a seed gives
+the same weights on every backend.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from asose_jax.config import PRIMITIVES  # noqa: F401 (the default op set, named here beside the ops)
@@ -39,10 +43,22 @@ SHIFT_3X3_MAX_CHANNELS = 128
 
 # ---------------------------------------------------------------------------------------------- building blocks
 
-def conv_init(key: jax.Array, kh: int, kw: int, cin: int, cout: int) -> jax.Array:
-    """HWIO weight ``[kh, kw, cin, cout]``, PyTorch default init (fan_in = kh*kw*cin)."""
-    bound = 1.0 / jnp.sqrt(kh * kw * cin)
-    return jax.random.uniform(key, (kh, kw, cin, cout), jnp.float32, -bound, bound)
+def host_rng(seed: int | np.random.Generator | jax.Array) -> np.random.Generator:
+    """The numpy ``Generator`` that parameter init draws from: ``seed`` an int, a concrete JAX PRNG key (seeded
+    with its key data) or a ``Generator`` (returned as it is)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, (int, np.integer)):
+        return np.random.default_rng(seed)
+    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        seed = jax.random.key_data(seed)
+    return np.random.default_rng(np.asarray(seed).ravel().tolist())
+
+
+def conv_init(rng: np.random.Generator, kh: int, kw: int, cin: int, cout: int) -> np.ndarray:
+    """HWIO float32 weight ``[kh, kw, cin, cout]`` drawn from ``rng``, PyTorch default init (fan_in = kh*kw*cin)."""
+    bound = 1.0 / np.sqrt(kh * kw * cin)
+    return rng.uniform(-bound, bound, (kh, kw, cin, cout)).astype(np.float32)
 
 
 def exact_precision(dtype) -> lax.Precision | None:
@@ -123,7 +139,8 @@ def _shifted_depthwise(x: jax.Array, w: jax.Array, stride: int, dilation: int) -
 
 
 def bn_stats_init(c: int) -> Stats:
-    return {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+    """Initial BN running statistics ``[C]`` (host arrays, like every init)."""
+    return {"mean": np.zeros((c,), np.float32), "var": np.ones((c,), np.float32)}
 
 
 def batch_norm(x: jax.Array, stats: Stats, train: bool, scale=None, bias=None) -> tuple[jax.Array, Stats]:
@@ -207,11 +224,12 @@ REDUCE_HIGH = "reduce_high"  # FactorizedReduce conv2 [1, 1, C, C - C//2]: write
 
 @dataclass(frozen=True)
 class OpDef:
-    """One primitive. ``init(key, C, stride) -> (params, stats)``; ``apply(params, stats, x, stride, train) ->
+    """One primitive. ``init(rng, C, stride) -> (params, stats)``, host arrays drawn from the numpy ``Generator``
+    ``rng`` (:func:`conv_init`); ``apply(params, stats, x, stride, train) ->
     (y, stats)``. ``parameter_free``: counted as a parameter-free choice by the genotype's cap
     (``arch.derive_genotype``). ``channel_roles``: the widening role of each parameter ``init`` may create."""
     name: str
-    init: Callable[[jax.Array, int, int], tuple[Params, Stats]]
+    init: Callable[[np.random.Generator, int, int], tuple[Params, Stats]]
     apply: Callable[..., tuple[jax.Array, Stats]]
     parameter_free: bool = False
     channel_roles: Mapping[str, str] = field(default_factory=dict)
@@ -228,7 +246,7 @@ def register_op(op: OpDef) -> OpDef:
     return op
 
 
-def _none_init(key, c, stride):
+def _none_init(rng, c, stride):
     return {}, {}
 
 
@@ -239,7 +257,7 @@ def _none_apply(p, s, x, stride, train):
 register_op(OpDef("none", _none_init, _none_apply, parameter_free=True))
 
 
-def _pool_init(key, c, stride):
+def _pool_init(rng, c, stride):
     return {}, {"bn": bn_stats_init(c)}
 
 
@@ -254,12 +272,11 @@ register_op(OpDef("avg_pool_3x3", _pool_init, _pool_apply(avg_pool_3x3), paramet
 register_op(OpDef("max_pool_3x3", _pool_init, _pool_apply(max_pool_3x3), parameter_free=True))
 
 
-def _skip_init(key, c, stride):
+def _skip_init(rng, c, stride):
     if stride == 1:
         return {}, {}
     c1 = c // 2  # odd C: the second conv takes the extra channel
-    k1, k2 = jax.random.split(key)
-    return {"conv1": conv_init(k1, 1, 1, c, c1), "conv2": conv_init(k2, 1, 1, c, c - c1)}, {"bn": bn_stats_init(c)}
+    return {"conv1": conv_init(rng, 1, 1, c, c1), "conv2": conv_init(rng, 1, 1, c, c - c1)}, {"bn": bn_stats_init(c)}
 
 
 def _skip_apply(p, s, x, stride, train):
@@ -279,10 +296,9 @@ register_op(OpDef("skip_connect", _skip_init, _skip_apply, parameter_free=True,
 
 
 def _sep_init(k):
-    def init(key, c, stride):
-        ks = jax.random.split(key, 4)
-        params = {"dw1": conv_init(ks[0], k, k, 1, c), "pw1": conv_init(ks[1], 1, 1, c, c),
-                  "dw2": conv_init(ks[2], k, k, 1, c), "pw2": conv_init(ks[3], 1, 1, c, c)}
+    def init(rng, c, stride):
+        params = {"dw1": conv_init(rng, k, k, 1, c), "pw1": conv_init(rng, 1, 1, c, c),
+                  "dw2": conv_init(rng, k, k, 1, c), "pw2": conv_init(rng, 1, 1, c, c)}
         return params, {"bn1": bn_stats_init(c), "bn2": bn_stats_init(c)}
     return init
 
@@ -303,9 +319,8 @@ register_op(OpDef("sep_conv_7x7", _sep_init(7), _sep_apply, channel_roles=_SEP_R
 
 
 def _dil_init(k):
-    def init(key, c, stride):
-        k1, k2 = jax.random.split(key)
-        return {"dw": conv_init(k1, k, k, 1, c), "pw": conv_init(k2, 1, 1, c, c)}, {"bn": bn_stats_init(c)}
+    def init(rng, c, stride):
+        return {"dw": conv_init(rng, k, k, 1, c), "pw": conv_init(rng, 1, 1, c, c)}, {"bn": bn_stats_init(c)}
     return init
 
 
@@ -321,9 +336,8 @@ register_op(OpDef("dil_conv_3x3", _dil_init(3), _dil_apply, channel_roles=_DIL_R
 register_op(OpDef("dil_conv_5x5", _dil_init(5), _dil_apply, channel_roles=_DIL_ROLES))
 
 
-def _conv71_init(key, c, stride):
-    k1, k2 = jax.random.split(key)
-    return {"conv1x7": conv_init(k1, 1, 7, c, c), "conv7x1": conv_init(k2, 7, 1, c, c)}, {"bn": bn_stats_init(c)}
+def _conv71_init(rng, c, stride):
+    return {"conv1x7": conv_init(rng, 1, 7, c, c), "conv7x1": conv_init(rng, 7, 1, c, c)}, {"bn": bn_stats_init(c)}
 
 
 def _conv71_apply(p, s, x, stride, train):
@@ -337,8 +351,8 @@ def _conv71_apply(p, s, x, stride, train):
 register_op(OpDef("conv_7x1_1x7", _conv71_init, _conv71_apply, channel_roles={"conv1x7": FULL, "conv7x1": FULL}))
 
 
-def _conv3_init(key, c, stride):
-    return {"conv": conv_init(key, 3, 3, c, c)}, {"bn": bn_stats_init(c)}
+def _conv3_init(rng, c, stride):
+    return {"conv": conv_init(rng, 3, 3, c, c)}, {"bn": bn_stats_init(c)}
 
 
 def _conv3_apply(p, s, x, stride, train):

@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
 from asose_jax import arch
 from asose_jax.config import Config
@@ -123,9 +124,23 @@ def arch_optimizer(cfg: Config) -> optax.GradientTransformation:
                        optax.scale_by_learning_rate(a.lr))
 
 
-def create_train_state(key: jax.Array, spec: NetSpec, cfg: Config, steps_per_epoch: int) -> TrainState:
-    k_net, k_alpha, k_run = jax.random.split(key, 3)
-    params, stats = init_network(k_net, spec)
+def create_train_state(seed: int, spec: NetSpec, cfg: Config, steps_per_epoch: int,
+                       sharding: NamedSharding | None = None) -> TrainState:
+    """The search's first state: weights and BN statistics drawn on the host from ``seed``
+    (:func:`asose_jax.model.init_network`, nothing to compile), then alpha, the optimizer states and the
+    counters in one small jitted program whose outputs are laid out with ``sharding`` (replicated on a mesh)."""
+    params, stats = init_network(seed, spec)
+    shardings = {} if sharding is None else dict(out_shardings=sharding)
+    if sharding is not None:  # the same host arrays on every process
+        params, stats = jax.device_put((params, stats), sharding)
+    build = jax.jit(_state_around, static_argnums=(3, 4, 5), **shardings)
+    return build(jax.random.PRNGKey(seed), params, stats, spec, cfg, steps_per_epoch)
+
+
+def _state_around(key: jax.Array, params, stats, spec: NetSpec, cfg: Config, steps_per_epoch: int) -> TrainState:
+    """A fresh state holding ``params`` and ``stats``: alpha ``init_scale * N(0, 1)`` and the run key from
+    ``split(key, 3)[1:]``, fresh optimizer states, counters and sums at 0."""
+    _, k_alpha, k_run = jax.random.split(key, 3)
     alpha = arch.init_alpha(k_alpha, spec.num_rows, len(spec.ops), cfg.arch.init_scale)
     return TrainState(params=params, batch_stats=stats, alpha=alpha,
                       w_opt=weight_optimizer(cfg, steps_per_epoch).init(params),

@@ -155,7 +155,7 @@ def depthwise_choice(name: str, shape, prec: str, batch: int) -> str | None:
     ops_lib._use_shift = spy
     ops_lib.DEPTHWISE_IMPL["impl"] = "auto"
     try:
-        params, stats = jax.eval_shape(lambda k: opdef.init(k, c, s), jax.random.PRNGKey(0))
+        params, stats = jax.eval_shape(lambda: opdef.init(np.random.default_rng(0), c, s))
         x = jax.ShapeDtypeStruct((batch, h, h, c), _jax_dtype(prec))
         jax.eval_shape(lambda p, st, xx: opdef.apply(p, st, xx, s, True), params, stats, x)
     finally:
@@ -190,7 +190,7 @@ def lower_jax(name: str, shape, prec: str, batch: int, impl: str | None):
     if impl is not None:
         ops_lib.DEPTHWISE_IMPL["impl"] = impl
     try:
-        params, stats = jax.eval_shape(lambda k: opdef.init(k, c, s), jax.random.PRNGKey(0))
+        params, stats = jax.eval_shape(lambda: opdef.init(np.random.default_rng(0), c, s))
         x = jax.ShapeDtypeStruct((batch, h, h, c), _jax_dtype(prec))
         f = jax.jit(jax.value_and_grad(_loss_fn(name, s), argnums=(0, 2)))
         return f.lower(params, stats, x)
@@ -231,8 +231,8 @@ def time_jax(exe, name: str, shape, prec: str, batch: int, warmup: int, iters: i
     c, h, s = shape
     opdef = ops_lib.OP_REGISTRY[name]
     dtype = _jax_dtype(prec)
-    kp, kx = jax.random.split(jax.random.PRNGKey(seed))
-    params, stats = opdef.init(kp, c, s)
+    kx = jax.random.PRNGKey(seed)
+    params, stats = opdef.init(np.random.default_rng(seed), c, s)
     xs = [jax.random.normal(k, (batch, h, h, c), jnp.float32).astype(dtype)
           for k in jax.random.split(kx, N_INPUTS)]
     jax.block_until_ready((params, stats, xs))

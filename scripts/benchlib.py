@@ -80,7 +80,7 @@ def jax_setup(mode: str, precision: str, batch: int, remat: bool = False, dispat
     spec = model.build_spec("original", 32, 4, cfg.model.ops)
     xs, ys = batches_u8(batch, data_dir)
     perm = jnp.arange(batch * N_BATCHES, dtype=jnp.int32).reshape(N_BATCHES, batch)
-    state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, N_BATCHES)
+    state = create_train_state(0, spec, cfg, N_BATCHES)
     return spec, jnp.asarray(xs), jnp.asarray(ys), perm, state, steps_lib.make_steps(spec, cfg, N_BATCHES)
 
 
@@ -143,7 +143,7 @@ def config_weight_step_cost(cfg) -> dict:
     from asose_jax.train_state import create_train_state
     m, b = cfg.model, cfg.data.batch_size
     spec = model.build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
-    state = jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec, cfg, 1))
+    state = jax.eval_shape(lambda: create_train_state(0, spec, cfg, 1))
     x, y = jax.ShapeDtypeStruct((b, 32, 32, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32)
     return weight_step_cost(steps_lib.program_steps(spec, cfg, 1), state, x, y, jax.ShapeDtypeStruct((1, b), jnp.int32))
 

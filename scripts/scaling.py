@@ -62,8 +62,7 @@ def weight_step(cfg, n_devices: int):
     m, b = cfg.model, cfg.data.batch_size
     placement = parallel.make_placement(ParallelConfig(devices=str(n_devices)))
     spec = model.build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
-    state = jax.jit(create_train_state, static_argnums=(1, 2, 3), out_shardings=placement.replicated)(
-        jax.random.PRNGKey(0), spec, cfg, 1)
+    state = create_train_state(0, spec, cfg, 1, placement.replicated)
     program = steps.program_steps(spec, cfg, 1, placement)
     rng = np.random.default_rng(0)
     x = parallel.place_dataset(rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8), placement)

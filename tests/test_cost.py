@@ -183,7 +183,7 @@ def test_network_cost_counts_the_final_networks_ops_and_weights():
     net = spec(["sep_conv_3x3", ["conv_3x3", "max_pool_3x3"], "dil_conv_3x3"])
     skips = spec(["skip_connect", ["skip_connect", "skip_connect"], "skip_connect"])
     (flops, params), (skip_flops, _) = cost.network_cost(net), cost.network_cost(skips)
-    assert params == count_params(init_network(jax.random.PRNGKey(0), net)[0])
+    assert params == count_params(init_network(0, net)[0])
     ops_flops = sum(cost.op_flops(net.ops[i], shape) for i, shape in zip(net.fixed_ops, cost.row_shapes(net)))
     assert flops - skip_flops == pytest.approx(ops_flops, rel=0.05)  # the rest (stem, input convs, head) is shared
 
@@ -222,7 +222,7 @@ def test_a_heavily_weighted_arch_step_moves_alpha_down_the_cost_gradient(mode):
                   mixed_op=MixedOpConfig(mode=mode), data=DataConfig(crop=False, flip=False, batch_size=8),
                   arch=replace(ArchConfig(), cost_weight=1e4))
     spec = build_spec("resnet", 4, 2, DISTINCT_COST_OPS)
-    state = create_train_state(jax.random.PRNGKey(0), spec, cfg, 1)
+    state = create_train_state(0, spec, cfg, 1)
     state = state.replace(alpha=jnp.zeros_like(state.alpha))
     steps = make_steps(spec, cfg, 1)
     assert isinstance(steps, SinglePathSteps) == (mode == "single")

@@ -223,7 +223,7 @@ TINY = {"stem_channels": 4, "num_classes": 10, "ops": ["sep_conv_3x3", ["skip_co
 
 
 def _shapes(spec):
-    return jax.eval_shape(lambda: init_network(jax.random.PRNGKey(0), spec))
+    return jax.eval_shape(lambda: init_network(0, spec))
 
 
 def test_param_count_matches_hand_count_resnet():
@@ -261,7 +261,7 @@ def test_forward_shapes(skeleton):
 
 
 def test_path_scale_init_sets_every_residual_scale():
-    params, _ = init_network(jax.random.PRNGKey(0), genotype_spec(TINY_TTA), path_scale_init=0.25)
+    params, _ = init_network(0, genotype_spec(TINY_TTA), path_scale_init=0.25)
     np.testing.assert_array_equal(np.asarray(params["blocks"][0]["path_scale"]), [0.25])
 
 

@@ -63,7 +63,7 @@ def make_state(spec, cfg, seed=0):
     """A TrainState with exactly the structure ``train_state.create_train_state`` builds (its ``eval_shape``:
     traced, nothing compiled), filled with random host (numpy) values; optimizer states zero, as
     ``tx.init`` makes them. Eager init would compile one kernel per weight shape (~10 s here)."""
-    shapes = jax.eval_shape(lambda k: train_state.create_train_state(k, spec, cfg, SPE), jax.random.key(0))
+    shapes = jax.eval_shape(lambda: train_state.create_train_state(0, spec, cfg, SPE))
     rng = np.random.RandomState(seed)
     zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)  # noqa: E731
     state = train_state.TrainState(
@@ -154,7 +154,7 @@ def check_common(cfg, spec, state, new_spec, new_state):
         if np.ndim(leaf):
             assert leaf.dtype == jnp.float32
     assert new_state.alpha.shape == (new_spec.num_rows, len(new_spec.ops))
-    model_params, model_stats = jax.eval_shape(lambda k: model.init_network(k, new_spec), jax.random.key(9))
+    model_params, model_stats = jax.eval_shape(lambda: model.init_network(9, new_spec))
     chex.assert_trees_all_equal_shapes(model_stats, new_state.batch_stats)
     # same shapes as a fresh network of the new spec, except path_scale which init makes all-ones
     chex.assert_trees_all_equal_shapes(model_params, new_state.params)

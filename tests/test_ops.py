@@ -47,7 +47,7 @@ def test_every_parameter_has_a_channel_role(name):
     """What growth's widen reads: each weight an op creates, at either stride, has a role fitting its shape."""
     op = OP_REGISTRY[name]
     for stride in (1, 2):
-        params, _ = jax.eval_shape(lambda k, op=op, stride=stride: op.init(k, C, stride), jax.random.PRNGKey(0))
+        params, _ = jax.eval_shape(lambda op=op, stride=stride: op.init(np.random.default_rng(0), C, stride))
         for pname, w in params.items():
             role = op.channel_roles.get(pname)
             expect = {ops.DEPTHWISE: (1, C), ops.FULL: (C, C), ops.REDUCE_LOW: (C, C // 2),
@@ -61,7 +61,7 @@ def test_every_parameter_has_a_channel_role(name):
 @pytest.mark.parametrize("name", ALL_OPS)
 def test_op_shape_dtype_grad(name, stride):
     op = OP_REGISTRY[name]
-    params, stats = jax.jit(op.init, static_argnums=(1, 2))(jax.random.PRNGKey(1), C, stride)
+    params, stats = op.init(np.random.default_rng(1), C, stride)
     for leaf in jax.tree.leaves(params):
         assert leaf.dtype == jnp.float32  # fp32 master weights
     expect = (N, H // stride, H // stride, C)
@@ -109,7 +109,7 @@ def test_param_counts_at_c8():
               "conv_3x3": (9 * c * c,) * 2}
     for name, (n1, n2) in expect.items():
         for stride, n in ((1, n1), (2, n2)):
-            params, _ = jax.eval_shape(lambda k: OP_REGISTRY[name].init(k, c, stride), jax.random.PRNGKey(0))
+            params, _ = jax.eval_shape(lambda: OP_REGISTRY[name].init(np.random.default_rng(0), c, stride))
             assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) == n, (name, stride)
 
 
@@ -128,7 +128,7 @@ def test_skip_identity_at_stride_1():
 
 @pytest.mark.parametrize("c", [5, 7])
 def test_factorized_reduce_odd_channels(c):
-    params, stats = jax.jit(OP_REGISTRY["skip_connect"].init, static_argnums=(1, 2))(jax.random.PRNGKey(0), c, 2)
+    params, stats = OP_REGISTRY["skip_connect"].init(np.random.default_rng(0), c, 2)
     chex.assert_shape(params["conv1"], (1, 1, c, c // 2))
     chex.assert_shape(params["conv2"], (1, 1, c, c - c // 2))
     x = _x(c=c)
@@ -272,7 +272,7 @@ def test_sep_conv_keeps_three_maps_per_half_for_backward(depthwise_impl):
     BatchNorm map."""
     depthwise_impl("shift")
     x = _x(c=8, h=8)
-    p, s = OP_REGISTRY["sep_conv_7x7"].init(jax.random.PRNGKey(0), 8, 1)
+    p, s = OP_REGISTRY["sep_conv_7x7"].init(np.random.default_rng(0), 8, 1)
     saved = _saved_bytes(lambda p, x: OP_REGISTRY["sep_conv_7x7"].apply(p, s, x, 1, True)[0], p, x)
     one_map, weights = x.nbytes, sum(v.nbytes for v in p.values())
     assert saved <= 6 * one_map + weights + 1024  # 3 maps per half; small per-channel vectors

@@ -18,8 +18,8 @@ from asose_jax.cycle import Run
 from asose_jax.data import load_dataset
 
 
-def _gain_init(key, c, stride):
-    return {"gain": ops.conv_init(key, 1, 1, 1, c)}, {}
+def _gain_init(rng, c, stride):
+    return {"gain": ops.conv_init(rng, 1, 1, 1, c)}, {}
 
 
 def _gain_apply(p, s, x, stride, train):

@@ -37,7 +37,7 @@ def lax_depthwise():
 
 
 def path_and_batch(names, batch: int, seed: int = 0):
-    params, stats = model.init_path(jax.random.PRNGKey(seed), names, C, 1)
+    params, stats = model.init_path(seed, names, C, 1)
     x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, HW, HW, C))
     return params, stats, x
 
@@ -105,7 +105,7 @@ def test_each_op_normalises_over_its_group_and_its_statistics_see_only_that_grou
 
 def test_with_one_op_the_routed_network_equals_the_fixed_network():
     spec = model.build_spec("resnet", 4, 3, ("sep_conv_3x3",))
-    params, stats = model.init_network(jax.random.PRNGKey(0), spec)
+    params, stats = model.init_network(0, spec)
     x = jax.random.normal(jax.random.PRNGKey(1), (12, 16, 16, 3))
     perms = mixed_op.draw_rows(jax.random.PRNGKey(2), spec.num_rows, "routed", 12)
     fixed_spec = dataclasses.replace(spec, fixed_ops=(0,) * spec.num_rows)
@@ -198,7 +198,7 @@ def routed_run():
     cfg = routed_cfg()
     spec = model.build_spec("resnet", 4, 2, cfg.model.ops)
     S = steps.make_steps(spec, cfg, 2)
-    state = jax.jit(train_state.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, 2)
+    state = train_state.create_train_state(0, spec, cfg, 2)
     x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3)), jnp.uint8)
     y = jnp.arange(24, dtype=jnp.int32) % 10
     perm = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
@@ -274,7 +274,7 @@ def test_the_routed_and_dense_steps_hold_no_conditional_before_and_after_each_gr
     cfg = preset_net(preset)
     m = cfg.model
     spec = model.build_spec(m.skeleton, m.init_channels, m.num_layers, m.ops, m.num_classes, m.stage_width_mult)
-    state = jax.jit(train_state.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), spec, cfg, 2)
+    state = train_state.create_train_state(0, spec, cfg, 2)
     assert conditionals(spec, cfg, state, compile_=False) == (0, 0)
     key = jax.random.PRNGKey(1)
     for kind in ("deepen", "widen", "branch"):

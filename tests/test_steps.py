@@ -26,7 +26,7 @@ def tiny_cfg(**mixed) -> Config:
 
 
 def make_state(spec, cfg, seed=0):
-    return jax.jit(train_state.create_train_state, static_argnums=(1, 2, 3))(jax.random.PRNGKey(seed), spec, cfg, SPE)
+    return train_state.create_train_state(seed, spec, cfg, SPE)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_remat_checkpoints_every_block_of_the_one_program_step():
     counts = {}
     for remat in (False, True):
         cfg = dataclasses.replace(tiny_cfg(mode="routed", arch_mode="dense"), remat=remat)
-        state = jax.eval_shape(lambda: train_state.create_train_state(jax.random.PRNGKey(0), spec, cfg, SPE))
+        state = jax.eval_shape(lambda: train_state.create_train_state(0, spec, cfg, SPE))
         choice = jax.eval_shape(steps.program_steps(spec, cfg, SPE).sample, state)
         jaxpr = jax.make_jaxpr(lambda s, c: steps.train_weights(spec, cfg, SPE, s, jnp.zeros((B, 32, 32, 3), jnp.uint8),
                                                                jnp.zeros((B,), jnp.int32),
@@ -209,7 +209,7 @@ def test_remat_keeps_only_the_block_inputs_between_the_host_engines_programs():
     """The host engine's block program returns its VJP, which holds the residuals until the backward program: with
     remat only the block's inputs (the block is recomputed there)."""
     spec = model.build_spec("resnet", 8, 3, OPS)
-    params, stats = model.init_network(jax.random.PRNGKey(0), spec)
+    params, stats = model.init_network(0, spec)
     block, op = spec.blocks[0], OPS.index("sep_conv_3x3")
     prm, st = single_path._chosen(params["blocks"][0], [OPS[op]]), single_path._chosen(stats["blocks"][0], [OPS[op]])
     h = jnp.ones((B, 32, 32, 8))
