@@ -4,7 +4,8 @@
 
 Runs the preset's network and steps in this process on synthetic data sized so that compilation, not training,
 is what takes time (batch 16, 64 weight steps and 8 arch steps an epoch: enough draws that the host engine meets
-every (block shape, op) program an epoch of a real search meets), with one warm-up epoch, then three cycles of a
+every (block shape, op) program an epoch of a real search meets; a test split as large as arch-val, so that both
+are evaluated in batches of one shape, as in a real search), with one warm-up epoch, then three cycles of a
 weight epoch, an arch epoch, a growth (deepen, widen, branch in turn) and a retrain epoch, and one more arch epoch
 (so that each growth is followed by weight and arch steps). Every program's tracing, lowering and XLA compilation
 is timed through ``jax.monitoring`` (no persistent cache unless ``--cache``) and charged to the stage it happens in:
@@ -31,7 +32,7 @@ ENGINE_SETS = {
     "routed": ["mixed_op.mode=routed", "mixed_op.arch_mode=dense"],
 }
 SIZE_SETS = ["data.source=synthetic", "data.batch_size=16", "data.synthetic_train=1152", "data.arch_val_size=128",
-             "data.synthetic_test=16", "cycle.max_cycles=3", "cycle.warmup_epochs=1", "cycle.weight_epochs=1",
+             "data.synthetic_test=128", "cycle.max_cycles=3", "cycle.warmup_epochs=1", "cycle.weight_epochs=1",
              "cycle.arch_epochs=1", "cycle.retrain_epochs=1", "cycle.early_stop_cycles=0", "growth.every=1",
              "growth.strategy=cycle", "growth.kinds=deepen,widen,branch", "checkpoint.enabled=false"]
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
