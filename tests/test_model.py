@@ -189,3 +189,42 @@ def test_forward_logits_and_bn_update(skeleton):
     chex.assert_trees_all_close(same_stats, stats)  # eval leaves the statistics alone
     assert not np.allclose(np.asarray(new_stats["stem"]["mean"]), np.asarray(stats["stem"]["mean"]))
     np.testing.assert_allclose(np.asarray(logits_bf16), np.asarray(logits), atol=0.3, rtol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+def test_init_network_compiles_nothing_and_is_seeded():
+    """Weights come from numpy on the host: no XLA compilation (a threefry draw per weight compiled for 9 s on a
+    CPU), float32 within PyTorch's U(-1/sqrt(fan_in), +), the same for one seed (int or JAX key), else not."""
+    _, spec = preset_spec("smoke")
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        params, stats = model.init_network(3, spec)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    for leaf in jax.tree.leaves((params, stats)):
+        assert isinstance(leaf, np.ndarray) and leaf.dtype == np.float32
+    w = params["blocks"][0]["paths"][0]["sep_conv_3x3"]["pw1"]  # [1, 1, C, C]: fan_in C
+    assert 0 < np.abs(w).max() <= 1 / np.sqrt(w.shape[2])
+    chex.assert_trees_all_equal(params, model.init_network(3, spec)[0])
+    chex.assert_trees_all_equal(params, model.init_network(np.random.default_rng(3), spec)[0])
+    other = model.init_network(4, spec)[0]
+    assert not np.array_equal(w, other["blocks"][0]["paths"][0]["sep_conv_3x3"]["pw1"])
+    key_a, key_b = model.init_network(jax.random.PRNGKey(1), spec)[0], model.init_network(jax.random.key(1), spec)[0]
+    chex.assert_trees_all_equal(key_a, key_b)  # a raw and a typed key with the same data
+
+
+def test_init_path_ops_draw_from_their_own_streams():
+    """Each op of a path draws from the child generator of its position in the op set: its weights depend on that
+    position, not on what the ops before it draw."""
+    full, _ = model.init_path(0, SMALL_OPS, 8, 1)
+    alone, _ = model.init_path(0, ("none", "skip_connect", "max_pool_3x3", "sep_conv_3x3")[::-1], 8, 1)
+    assert not np.array_equal(full["sep_conv_3x3"]["pw1"], alone["sep_conv_3x3"]["pw1"])  # child 3 vs child 0
+    first, _ = model.init_path(0, ("sep_conv_3x3",), 8, 1)
+    chex.assert_trees_all_equal(first["sep_conv_3x3"], alone["sep_conv_3x3"])
