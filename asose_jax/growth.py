@@ -29,7 +29,7 @@ import numpy as np
 from asose_jax import mixed_op
 from asose_jax.config import GrowthConfig
 from asose_jax.model import NetSpec, apply_network, count_params, init_block, init_path, skeleton_block
-from asose_jax.ops import DEPTHWISE, FULL, OP_REGISTRY, REDUCE_HIGH, REDUCE_LOW
+from asose_jax.ops import DEPTHWISE, FULL, OP_REGISTRY, REDUCE_HIGH, REDUCE_LOW, host_rng
 
 NEW_ROW_SCALE = 0.1  # new alpha rows ~ NEW_ROW_SCALE * N(0, 1)
 
@@ -200,8 +200,7 @@ def widen_mapping(c: int, c_new: int, key: jax.Array) -> np.ndarray:
     if c < 2 or c_new < c:
         raise ValueError(f"cannot widen {c} -> {c_new} channels (need 2 <= c <= c_new)")
     h, h_new = c // 2, c_new // 2
-    seed = np.asarray(jax.random.randint(key, (2,), 0, np.iinfo(np.int32).max))  # one shape: compiled once
-    rng = np.random.default_rng([int(v) for v in seed])
+    rng = host_rng(key)
     extra_a = rng.integers(0, h, h_new - h)
     extra_b = rng.integers(h, c, (c_new - h_new) - (c - h))
     return np.concatenate([np.arange(h), extra_a, np.arange(h, c), extra_b]).astype(np.int32)
