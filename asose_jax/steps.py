@@ -95,17 +95,17 @@ class SplitModeSteps:
     only the arch-val split, so computing every op there costs little."""
 
     def __init__(self, weight: Steps, arch_steps: Steps):
-        self._weight, self._arch = weight, arch_steps
+        self.weight_engine, self.arch_engine = weight, arch_steps  # the two engines, each a Steps of its own
         self.tau, self.sample, self.weight_step = weight.tau, weight.sample, weight.weight_step
         self.eval_batch, self.arch_sample = weight.eval_batch, arch_steps.arch_sample
 
     def arch_step(self, state: TrainState, x_all, y_all, perm, i, choice) -> TrainState:
-        new_state = self._arch.arch_step(state, x_all, y_all, perm, i, choice)
-        self._weight.after_other_arch_step()  # alpha and the step counter moved outside the weight steps
+        new_state = self.arch_engine.arch_step(state, x_all, y_all, perm, i, choice)
+        self.weight_engine.after_other_arch_step()  # alpha and the step counter moved outside the weight steps
         return new_state
 
     def after_other_arch_step(self) -> None:
-        self._weight.after_other_arch_step()
+        self.weight_engine.after_other_arch_step()
 
 
 # ---------------------------------------------------------------------------------------------- one-program engine

@@ -29,6 +29,7 @@ import pytest
 from asose_jax import parallel, search, steps
 from asose_jax.config import Config, ParallelConfig, apply_overrides, config_hash, load_config_file, preset_path, validate
 from asose_jax.errors import ConfigError, UsageError
+from test_resume import checkpoint_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "smoke", "--no-progress", "--set", "mixed_op.dispatch=switch", "--set", "model.num_layers=1",
@@ -101,10 +102,6 @@ def assert_same_search(ref: Path, other: Path) -> None:
     for i, (a, b) in enumerate(zip(ref_rows, other_rows)):
         differ = sorted(k for k in a.keys() | b.keys() if not close(a.get(k), b.get(k)))
         assert not differ, f"metrics.jsonl row {i} differs in {differ}: {[(a.get(k), b.get(k)) for k in differ]}"
-
-
-def checkpoint_ids(workdir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def free_port() -> int:

@@ -239,4 +239,4 @@ def test_each_step_program_compiles_once_over_phases(tmp_path):
     phases = [r["phase"] for r in run.metrics if "phase" in r]
     assert phases.count("arch") == 2 and phases.count("weight") >= 2, phases
     assert run.steps.weight_step._cache_size() == 1
-    assert run.steps._arch.arch_step._cache_size() == 1
+    assert run.steps.arch_engine.arch_step._cache_size() == 1
